@@ -1,0 +1,36 @@
+# Sourced by run.sh and test.sh: picks or makes the Python that runs the project and
+# installs what it needs, then sets $PY. Never installs an unpinned torch.
+#  - a Python that already has torch (a GPU machine's image) is used as it is;
+#  - otherwise .venv is made and gets torch==2.13.0 (a CPU wheel here).
+# Installs are skipped when everything imports, so a machine without internet that has
+# the packages works too.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+if ${PYTHON:-python3} -c "import torch" 2>/dev/null; then
+  PY=$(${PYTHON:-python3} -c "import sys; print(sys.executable)")
+else
+  [ -x .venv/bin/python ] || ${PYTHON:-python3} -m venv .venv
+  PY=$ROOT/.venv/bin/python
+  "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q --disable-pip-version-check torch==2.13.0
+fi
+need=()
+for mod_req in "triton:triton==3.6.0" "pytest:pytest" "pytest_benchmark:pytest-benchmark" \
+               "ninja:ninja" "matplotlib:matplotlib" "tqdm:tqdm"; do
+  "$PY" -c "import ${mod_req%%:*}" 2>/dev/null || need+=("${mod_req#*:}")
+done
+# Triton's CPU interpreter (TRITON_INTERPRET=1, how tests run without a GPU) breaks on
+# numpy >= 2.4, which refuses int() of a one-element array. GPUs run compiled kernels.
+"$PY" - <<'PYEOF' || need+=("numpy<2.4")
+import sys, torch
+try:
+    import numpy
+except ImportError:
+    sys.exit(1)
+sys.exit(0 if torch.cuda.is_available() or tuple(map(int, numpy.__version__.split(".")[:2])) < (2, 4) else 1)
+PYEOF
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing: ${need[*]}"
+  "$PY" -m pip install -q --disable-pip-version-check "${need[@]}"
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"

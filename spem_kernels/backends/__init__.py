@@ -1,0 +1,83 @@
+"""Backend registry: which implementations of the SPEM op exist and where they can run.
+
+Every kernel backend is a module with the same entry points:
+
+    is_available(device) -> str | None      None when it runs on `device`, else the reason
+    forward(x, w1, b1, w2, b2, p, residual, relu) -> (out, stats, idx)
+    backward(grad, x, out, stats, idx, w1, b1, w2, b2, p, relu, write_dres)
+        -> (dx, dres, dparams)
+
+Parameters arrive flattened to (C,); `stats` is (N, C, 2) [max, min] in the compute dtype,
+`idx` is (N, C, 2) int32 [argmax, argmin] as row-major h*W + w; `dparams` is (C, 6) with
+columns [dw1, db1, dw2, db2, dq0, dq1] summed over n (dq still per channel); `dres` is the
+masked gradient G when `write_dres`, else an empty tensor. The "eager" backend is the
+reference itself and needs none of this: autograd differentiates it.
+"""
+import importlib
+
+import torch
+
+NAMES = ("triton", "native", "eager")
+
+
+def compute_dtype(dtype):
+    """Kernels compute in float64 for float64 inputs (gradcheck) and float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+_modules = {}
+
+
+def load(name):
+    """The backend module `name`, or an ImportError that says why it cannot load."""
+    if name not in _modules:
+        try:
+            _modules[name] = importlib.import_module(f"{__name__}.{name}_backend")
+        except Exception as e:  # a missing compiler or package must not break `import spem_kernels`
+            _modules[name] = e
+    mod = _modules[name]
+    if isinstance(mod, Exception):
+        raise ImportError(f"backend {name!r} failed to load: {type(mod).__name__}: {mod}") from mod
+    return mod
+
+
+def unavailable_reason(name, device):
+    """None if backend `name` runs on `device`, else a sentence saying why not."""
+    device = torch.device(device)
+    if name == "eager":
+        return None
+    if name not in NAMES:
+        return f"unknown backend {name!r}; choose one of {NAMES + ('auto',)}"
+    try:
+        mod = load(name)
+    except ImportError as e:
+        return str(e)
+    return mod.is_available(device)
+
+
+def available_backends(device="cpu"):
+    """The backends among "triton", "native", "eager" that can run on `device`."""
+    return [name for name in NAMES if unavailable_reason(name, device) is None]
+
+
+_resolved = {}
+
+
+def resolve(backend, device):
+    """The concrete backend for a call: "auto" picks triton on CUDA, then native, then eager.
+
+    Cached per (backend, device): this runs on every call of the op.
+    """
+    key = (backend, device.type, device.index)
+    name = _resolved.get(key)
+    if name is None:
+        if backend == "auto":
+            order = ("triton", "native") if device.type == "cuda" else ("native",)
+            name = next((n for n in order if unavailable_reason(n, device) is None), "eager")
+        else:
+            reason = unavailable_reason(backend, device)
+            if reason is not None:
+                raise RuntimeError(f"backend {backend!r} cannot run on {device}: {reason}")
+            name = backend
+        _resolved[key] = name
+    return name

@@ -1,0 +1,330 @@
+"""Triton backend: one fused kernel per direction.
+
+A program owns BLOCK_C channels of one sample and walks their whole H*W planes. When a
+tile [BLOCK_C, BLOCK_HW] covers the planes (ONE_PASS) every element is read once and
+written once; larger planes loop twice over the plane (reduce, then write).
+
+Tensors are addressed through their strides, so NCHW, channels_last and sliced inputs
+need no copy. When each plane is flat (stride_h == W * stride_w, true for both dense
+memory formats) the position index is used directly instead of being split into (h, w).
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import compute_dtype
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+def is_available(device):
+    if device.type == "cuda":
+        return None if torch.cuda.is_available() else "CUDA is not available"
+    if device.type == "cpu":
+        if INTERPRET:
+            return None
+        return ("Triton runs on CPU tensors only in its interpreter: set TRITON_INTERPRET=1 "
+                "before importing spem_kernels (it is slow; for tests)")
+    return f"Triton does not run on {device.type} tensors"
+
+
+@triton.jit
+def _plane_offsets(hw, W, s_h, s_w, FLAT: tl.constexpr):
+    if FLAT:
+        return hw * s_w
+    return (hw // W) * s_h + (hw % W) * s_w
+
+
+@triton.jit
+def _gate(M, m, w1, b1, w2, b2, q0, q1):
+    """A = w2*M + b2, B = w2*m + b2, Z = w1*(q0*A + q1*B) + b1, g = sigmoid(A+B)*sigmoid(Z)."""
+    A = w2 * M + b2
+    B = w2 * m + b2
+    Z = w1 * (q0 * A + q1 * B) + b1
+    s1 = 1.0 / (1.0 + tl.exp(-(A + B)))
+    s2 = 1.0 / (1.0 + tl.exp(-Z))
+    return A, B, s1, s2
+
+
+@triton.jit
+def _load_params(w1_ptr, b1_ptr, w2_ptr, b2_ptr, p_ptr, c, c_ok, ACC: tl.constexpr):
+    w1 = tl.load(w1_ptr + c, mask=c_ok, other=0).to(ACC)
+    b1 = tl.load(b1_ptr + c, mask=c_ok, other=0).to(ACC)
+    w2 = tl.load(w2_ptr + c, mask=c_ok, other=0).to(ACC)
+    b2 = tl.load(b2_ptr + c, mask=c_ok, other=0).to(ACC)
+    p0 = tl.load(p_ptr).to(ACC)
+    p1 = tl.load(p_ptr + 1).to(ACC)
+    P = p0 * p0 + p1 * p1
+    return w1, b1, w2, b2, p0 * p0 / P, p1 * p1 / P
+
+
+@triton.jit
+def _load_tile(base, hw, W, s_h, s_w, mask, FLAT: tl.constexpr, ACC: tl.constexpr):
+    return tl.load(base + _plane_offsets(hw, W, s_h, s_w, FLAT)[None, :], mask=mask,
+                   other=0).to(ACC)
+
+
+@triton.jit
+def _store_tile(base, hw, W, s_h, s_w, mask, value, FLAT: tl.constexpr):
+    tl.store(base + _plane_offsets(hw, W, s_h, s_w, FLAT)[None, :],
+             value.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _minmax(y, mask):
+    """Per-row max and min of a tile with their first positions, ignoring NaN, and a NaN count."""
+    nan = y != y
+    ok = mask & ~nan
+    M, i_max = tl.max(tl.where(ok, y, float("-inf")), axis=1, return_indices=True,
+                      return_indices_tie_break_left=True)
+    m, i_min = tl.min(tl.where(ok, y, float("inf")), axis=1, return_indices=True,
+                      return_indices_tie_break_left=True)
+    return M, i_max, m, i_min, tl.sum(nan.to(tl.int32), axis=1)
+
+
+@triton.jit
+def _masked_grad(g_base, o_base, hw, W, sg_h, sg_w, so_h, so_w, mask,
+                 RELU: tl.constexpr, FLAT: tl.constexpr, ACC: tl.constexpr):
+    """G = dL/dout, zeroed where the ReLU was off (out <= 0)."""
+    G = _load_tile(g_base, hw, W, sg_h, sg_w, mask, FLAT, ACC)
+    if RELU:
+        G = tl.where(_load_tile(o_base, hw, W, so_h, so_w, mask, FLAT, ACC) > 0, G, 0.0)
+    return G
+
+
+@triton.jit
+def _tail(y, g, r_base, o_base, hw, W, sr_h, sr_w, so_h, so_w, mask,
+          HAS_RES: tl.constexpr, RELU: tl.constexpr, FLAT: tl.constexpr, ACC: tl.constexpr):
+    """out = relu?(g * y + residual), rounded once to out's dtype."""
+    o = g * y
+    if HAS_RES:
+        o += _load_tile(r_base, hw, W, sr_h, sr_w, mask, FLAT, ACC)
+    if RELU:
+        o = tl.where(o < 0, 0.0, o)  # keeps NaN, as torch.relu does
+    _store_tile(o_base, hw, W, so_h, so_w, mask, o, FLAT)
+
+
+@triton.jit
+def _spem_fwd_kernel(
+    x_ptr, res_ptr, out_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, p_ptr, stats_ptr, idx_ptr,
+    C, W, HW, num_c_blocks,
+    sx_n, sx_c, sx_h, sx_w, sr_n, sr_c, sr_h, sr_w, so_n, so_c, so_h, so_w,
+    HAS_RES: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr, FLAT: tl.constexpr,
+    ONE_PASS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    """Per plane y = x[n, c]: M = max(y), m = min(y) (first position on ties, NaN if any
+    element is NaN), gate g from SPEM.md, out = relu?(g * y + residual). Saves M, m and
+    their positions; nothing full-size."""
+    pid = tl.program_id(0)
+    n = (pid // num_c_blocks).to(tl.int64)
+    c = (pid % num_c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    hw0 = tl.arange(0, BLOCK_HW)
+    x_base = x_ptr + n * sx_n + c[:, None] * sx_c
+    r_base = res_ptr + n * sr_n + c[:, None] * sr_c
+    o_base = out_ptr + n * so_n + c[:, None] * so_c
+
+    if ONE_PASS:  # the whole plane is one tile: read it once, keep it in registers
+        mask0 = c_ok[:, None] & (hw0 < HW)[None, :]
+        y0 = _load_tile(x_base, hw0, W, sx_h, sx_w, mask0, FLAT, ACC)
+        M, i_max, m, i_min, n_nan = _minmax(y0, mask0)
+    else:
+        M = tl.full([BLOCK_C], float("-inf"), ACC)
+        m = tl.full([BLOCK_C], float("inf"), ACC)
+        i_max = tl.zeros([BLOCK_C], tl.int32)
+        i_min = tl.zeros([BLOCK_C], tl.int32)
+        n_nan = tl.zeros([BLOCK_C], tl.int32)
+        for start in range(0, HW, BLOCK_HW):
+            hw = start + hw0
+            mask = c_ok[:, None] & (hw < HW)[None, :]
+            y = _load_tile(x_base, hw, W, sx_h, sx_w, mask, FLAT, ACC)
+            cM, ci_max, cm, ci_min, c_nan = _minmax(y, mask)
+            # Strict comparisons keep the earlier chunk's position on ties.
+            up = cM > M
+            M = tl.where(up, cM, M)
+            i_max = tl.where(up, ci_max + start, i_max)
+            up = cm < m
+            m = tl.where(up, cm, m)
+            i_min = tl.where(up, ci_min + start, i_min)
+            n_nan += c_nan
+    M = tl.where(n_nan > 0, float("nan"), tl.where(c_ok, M, 0.0))
+    m = tl.where(n_nan > 0, float("nan"), tl.where(c_ok, m, 0.0))
+
+    w1, b1, w2, b2, q0, q1 = _load_params(w1_ptr, b1_ptr, w2_ptr, b2_ptr, p_ptr, c, c_ok, ACC)
+    _, _, s1, s2 = _gate(M, m, w1, b1, w2, b2, q0, q1)
+    g = (s1 * s2)[:, None]
+
+    if ONE_PASS:
+        _tail(y0, g, r_base, o_base, hw0, W, sr_h, sr_w, so_h, so_w, mask0,
+              HAS_RES, RELU, FLAT, ACC)
+    else:
+        for start in range(0, HW, BLOCK_HW):
+            hw = start + hw0
+            mask = c_ok[:, None] & (hw < HW)[None, :]
+            y = _load_tile(x_base, hw, W, sx_h, sx_w, mask, FLAT, ACC)
+            _tail(y, g, r_base, o_base, hw, W, sr_h, sr_w, so_h, so_w, mask,
+                  HAS_RES, RELU, FLAT, ACC)
+
+    row = (n * C + c) * 2
+    tl.store(stats_ptr + row, M, mask=c_ok)
+    tl.store(stats_ptr + row + 1, m, mask=c_ok)
+    tl.store(idx_ptr + row, i_max, mask=c_ok)
+    tl.store(idx_ptr + row + 1, i_min, mask=c_ok)
+
+
+@triton.jit
+def _input_grads(G, g, dM, dm, i_max, i_min, d_base, e_base, hw, W, sd_h, sd_w, se_h, se_w,
+                 mask, WRITE_DRES: tl.constexpr, FLAT: tl.constexpr):
+    """dx = G g, plus dM at the max's position and dm at the min's; dresidual = G."""
+    dx = G * g
+    dx += tl.where(hw[None, :] == i_max[:, None], dM, 0.0)
+    dx += tl.where(hw[None, :] == i_min[:, None], dm, 0.0)
+    _store_tile(d_base, hw, W, sd_h, sd_w, mask, dx, FLAT)
+    if WRITE_DRES:
+        _store_tile(e_base, hw, W, se_h, se_w, mask, G, FLAT)
+
+
+@triton.jit
+def _spem_bwd_kernel(
+    g_ptr, x_ptr, out_ptr, dx_ptr, dres_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, p_ptr,
+    stats_ptr, idx_ptr, part_ptr,
+    C, W, HW, num_c_blocks,
+    sg_n, sg_c, sg_h, sg_w, sx_n, sx_c, sx_h, sx_w, so_n, so_c, so_h, so_w,
+    sd_n, sd_c, sd_h, sd_w, se_n, se_c, se_h, se_w,
+    RELU: tl.constexpr, WRITE_DRES: tl.constexpr, ACC: tl.constexpr, FLAT: tl.constexpr,
+    ONE_PASS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    """G = dL/dout (masked by out > 0 with relu); S = sum(G * y) over the plane;
+    dZ = S s1 s2 (1 - s2), dU = S s1 s2 (1 - s1), dA = dU + dZ w1 q0, dB = dU + dZ w1 q1;
+    dy = G g + dA w2 at argmax + dB w2 at argmin; dresidual = G. Per (n, c) it stores
+    [dZ (q0 A + q1 B), dZ, dA M + dB m, dA + dB, dZ w1 A, dZ w1 B], summed over n later."""
+    pid = tl.program_id(0)
+    n = (pid // num_c_blocks).to(tl.int64)
+    c = (pid % num_c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    hw0 = tl.arange(0, BLOCK_HW)
+    g_base = g_ptr + n * sg_n + c[:, None] * sg_c
+    x_base = x_ptr + n * sx_n + c[:, None] * sx_c
+    o_base = out_ptr + n * so_n + c[:, None] * so_c
+    d_base = dx_ptr + n * sd_n + c[:, None] * sd_c
+    e_base = dres_ptr + n * se_n + c[:, None] * se_c
+
+    row = (n * C + c) * 2
+    M = tl.load(stats_ptr + row, mask=c_ok, other=0).to(ACC)
+    m = tl.load(stats_ptr + row + 1, mask=c_ok, other=0).to(ACC)
+    i_max = tl.load(idx_ptr + row, mask=c_ok, other=0)
+    i_min = tl.load(idx_ptr + row + 1, mask=c_ok, other=0)
+    w1, b1, w2, b2, q0, q1 = _load_params(w1_ptr, b1_ptr, w2_ptr, b2_ptr, p_ptr, c, c_ok, ACC)
+    A, B, s1, s2 = _gate(M, m, w1, b1, w2, b2, q0, q1)
+
+    if ONE_PASS:
+        mask0 = c_ok[:, None] & (hw0 < HW)[None, :]
+        G0 = _masked_grad(g_base, o_base, hw0, W, sg_h, sg_w, so_h, so_w, mask0, RELU, FLAT, ACC)
+        S = tl.sum(G0 * _load_tile(x_base, hw0, W, sx_h, sx_w, mask0, FLAT, ACC), axis=1)
+    else:
+        S = tl.zeros([BLOCK_C], ACC)
+        for start in range(0, HW, BLOCK_HW):
+            hw = start + hw0
+            mask = c_ok[:, None] & (hw < HW)[None, :]
+            G = _masked_grad(g_base, o_base, hw, W, sg_h, sg_w, so_h, so_w, mask, RELU, FLAT, ACC)
+            S += tl.sum(G * _load_tile(x_base, hw, W, sx_h, sx_w, mask, FLAT, ACC), axis=1)
+
+    dZ = S * s1 * s2 * (1 - s2)
+    dU = S * s2 * s1 * (1 - s1)
+    dA = dU + dZ * w1 * q0
+    dB = dU + dZ * w1 * q1
+    dM = (dA * w2)[:, None]
+    dm = (dB * w2)[:, None]
+    g = (s1 * s2)[:, None]
+
+    if ONE_PASS:
+        _input_grads(G0, g, dM, dm, i_max, i_min, d_base, e_base, hw0, W, sd_h, sd_w, se_h, se_w,
+                     mask0, WRITE_DRES, FLAT)
+    else:
+        for start in range(0, HW, BLOCK_HW):
+            hw = start + hw0
+            mask = c_ok[:, None] & (hw < HW)[None, :]
+            G = _masked_grad(g_base, o_base, hw, W, sg_h, sg_w, so_h, so_w, mask, RELU, FLAT, ACC)
+            _input_grads(G, g, dM, dm, i_max, i_min, d_base, e_base, hw, W, sd_h, sd_w, se_h,
+                         se_w, mask, WRITE_DRES, FLAT)
+
+    part = part_ptr + (n * C + c) * 6
+    tl.store(part, dZ * (q0 * A + q1 * B), mask=c_ok)
+    tl.store(part + 1, dZ, mask=c_ok)
+    tl.store(part + 2, dA * M + dB * m, mask=c_ok)
+    tl.store(part + 3, dA + dB, mask=c_ok)
+    tl.store(part + 4, dZ * w1 * A, mask=c_ok)
+    tl.store(part + 5, dZ * w1 * B, mask=c_ok)
+
+
+# Elements per program tile. Larger planes loop; smaller ones share a program across channels.
+_MAX_TILE = 4096
+
+
+def _tiling(x):
+    """(BLOCK_C, BLOCK_HW, ONE_PASS, num_warps) for x's plane size and memory format."""
+    C, H, W = x.shape[1:]
+    HW = H * W
+    block_hw = min(triton.next_power_of_2(HW), _MAX_TILE)
+    block_c = max(1, _MAX_TILE // block_hw)
+    if x.stride(1) == 1:  # channels_last: channels are the contiguous axis; fill 32-byte sectors
+        block_c = max(block_c, 32 // x.element_size())
+        block_hw = min(block_hw, max(16, _MAX_TILE // block_c))
+    block_c = min(block_c, triton.next_power_of_2(C))
+    num_warps = min(16, max(2, block_c * block_hw // 512))
+    return block_c, block_hw, block_hw >= HW, num_warps
+
+
+def _flat(*tensors):
+    return all(t.stride(2) == t.shape[3] * t.stride(3) or t.shape[2] == 1 for t in tensors)
+
+
+def _strides(t):
+    return t.stride() if t is not None else (0, 0, 0, 0)
+
+
+def forward(x, w1, b1, w2, b2, p, residual, relu):
+    N, C, H, W = x.shape
+    acc = compute_dtype(x.dtype)
+    out = torch.empty_like(x)
+    stats = torch.empty((N, C, 2), dtype=acc, device=x.device)
+    idx = torch.empty((N, C, 2), dtype=torch.int32, device=x.device)
+    if out.numel() == 0:
+        return out, stats, idx
+    block_c, block_hw, one_pass, num_warps = _tiling(x)
+    num_c_blocks = triton.cdiv(C, block_c)
+    res = residual if residual is not None else x
+    _spem_fwd_kernel[(N * num_c_blocks,)](
+        x, res, out, w1, b1, w2, b2, p, stats, idx,
+        C, W, H * W, num_c_blocks,
+        *x.stride(), *res.stride(), *out.stride(),
+        HAS_RES=residual is not None, RELU=relu, ACC=_TL_DTYPE[acc], FLAT=_flat(x, res, out),
+        ONE_PASS=one_pass, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps,
+    )
+    return out, stats, idx
+
+
+def backward(grad, x, out, stats, idx, w1, b1, w2, b2, p, relu, write_dres):
+    N, C, H, W = x.shape
+    acc = compute_dtype(x.dtype)
+    dx = torch.empty_like(x)
+    dres = torch.empty_like(x) if write_dres else x.new_empty(0)
+    part = torch.empty((N, C, 6), dtype=acc, device=x.device)
+    if dx.numel() > 0:
+        block_c, block_hw, one_pass, num_warps = _tiling(x)
+        num_c_blocks = triton.cdiv(C, block_c)
+        o = out if relu else x
+        e = dres if write_dres else dx
+        _spem_bwd_kernel[(N * num_c_blocks,)](
+            grad, x, o, dx, e, w1, b1, w2, b2, p, stats, idx, part,
+            C, W, H * W, num_c_blocks,
+            *grad.stride(), *x.stride(), *o.stride(), *dx.stride(), *e.stride(),
+            RELU=relu, WRITE_DRES=write_dres, ACC=_TL_DTYPE[acc], FLAT=_flat(grad, x, o, dx, e),
+            ONE_PASS=one_pass, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps,
+        )
+    # A plain sum over n, not float atomics: two runs give bitwise equal gradients.
+    return dx, dres, part.sum(0)

@@ -1,0 +1,31 @@
+"""The eager SPEM reference, written op by op the way the original layer was.
+
+This is the yardstick every fast path is tested against, and the "eager" backend.
+Max and min come from max-pooling (the min as -maxpool(-x)), so autograd sends the
+max (min) gradient to the first position in row-major (h, w) order, and a NaN
+anywhere in a plane makes that plane's max, gate and output NaN.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def spem_reference(x, w1, b1, w2, b2, p, residual=None, *, relu=False, backend="eager"):
+    """Eager SPEM: ``relu?(g * x + residual)`` with ``g`` one gate per (n, c); see SPEM.md."""
+    C = x.shape[1]
+    w1, b1, w2, b2 = (t.reshape(1, C, 1, 1) for t in (w1, b1, w2, b2))
+    y_max = F.adaptive_max_pool2d(x, 1)
+    y_min = -F.adaptive_max_pool2d(-x, 1)
+    a = w2 * y_max + b2
+    b = w2 * y_min + b2
+    p2 = p * p
+    q = p2 / p2.sum()
+    z = w1 * (q[0] * a + q[1] * b) + b1
+    gate = torch.sigmoid(a + b) * torch.sigmoid(z)
+    out = gate * x
+    if residual is not None:
+        out = out + residual
+    if relu:
+        out = torch.relu(out)
+    # The gate is float32 (the parameters' dtype) for 16-bit x: the tail runs in float32
+    # and rounds once, as the fused kernels do.
+    return out.to(x.dtype)
