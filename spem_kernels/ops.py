@@ -103,12 +103,13 @@ def _make_backward(backward_impl):
             dres = grad  # without the ReLU the residual's gradient is dL/dout itself
         elif not ctx.has_residual:
             dres = None
-        # p: with P = p0^2 + p1^2, q_i = p_i^2 / P: dp_i = 2 p_i / P (dq_i - sum_j q_j dq_j).
+        # p: with P = p0^2 + p1^2 and q_i = p_i^2 / P, dp_i = 2 p_i / P (dq_i - q0 dq0 - q1 dq1),
+        # which is dp0 = 2 p0 q1 (dq0 - dq1) / P and dp1 = -2 p1 q0 (dq0 - dq1) / P.
         pc = p.reshape(-1).to(dparams.dtype)
         p2 = pc * pc
         P = p2.sum()
-        dq = dparams[:, 4:].sum(0)
-        dp = 2 * pc / P * (dq - (p2 / P * dq).sum())
+        dq_diff = dparams[:, 4].sum()
+        dp = 2 * pc * p2.flip(0) / (P * P) * dq_diff * pc.new_tensor([1.0, -1.0])
         grads = [dparams[:, k].reshape(t.shape).to(t.dtype)
                  for k, t in enumerate((w1, b1, w2, b2))]
         return (dx, *grads, dp.reshape(p.shape).to(p.dtype), dres, None, None)
@@ -152,7 +153,7 @@ def _(x, w1, b1, w2, b2, p, residual, relu, backend):
 def spem_backward(grad: Tensor, x: Tensor, out: Tensor, stats: Tensor, idx: Tensor,
                   w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, p: Tensor,
                   relu: bool, write_dres: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dresidual or empty, dparams (C, 6))."""
+    """(dx, dresidual or empty, dparams (C, 5))."""
     return _backward_direct(grad, x, out, stats, idx, w1, b1, w2, b2, p, relu, write_dres,
                             backend)
 
@@ -160,7 +161,7 @@ def spem_backward(grad: Tensor, x: Tensor, out: Tensor, stats: Tensor, idx: Tens
 @spem_backward.register_fake
 def _(grad, x, out, stats, idx, w1, b1, w2, b2, p, relu, write_dres, backend):
     return (torch.empty_like(x), torch.empty_like(x) if write_dres else x.new_empty(0),
-            x.new_empty((x.shape[1], 6), dtype=compute_dtype(x.dtype)))
+            x.new_empty((x.shape[1], 5), dtype=compute_dtype(x.dtype)))
 
 
 torch.library.register_autograd("spem_kernels::spem_forward", _make_backward(spem_backward),

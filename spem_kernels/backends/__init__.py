@@ -8,8 +8,10 @@ Every kernel backend is a module with the same entry points:
         -> (dx, dres, dparams)
 
 Parameters arrive flattened to (C,); `stats` is (N, C, 2) [max, min] in the compute dtype,
-`idx` is (N, C, 2) int32 [argmax, argmin] as row-major h*W + w; `dparams` is (C, 6) with
-columns [dw1, db1, dw2, db2, dq0, dq1] summed over n (dq still per channel); `dres` is the
+`idx` is (N, C, 2) int32 [argmax, argmin] as row-major h*W + w; `dparams` is (C, 5) with
+columns [dw1, db1, dw2, db2, dq0 - dq1] summed over n, where dq0 - dq1 = dZ w1 w2 (M - m)
+per (n, c) is computed directly rather than as a difference of two large sums (p's
+gradient needs only that difference; see ops.py); `dres` is the
 masked gradient G when `write_dres`, else an empty tensor. The "eager" backend is the
 reference itself and needs none of this: autograd differentiates it.
 """
@@ -43,11 +45,11 @@ def load(name):
 
 def unavailable_reason(name, device):
     """None if backend `name` runs on `device`, else a sentence saying why not."""
+    if name not in NAMES:
+        raise ValueError(f"backend must be one of {NAMES + ('auto',)}, got {name!r}")
     device = torch.device(device)
     if name == "eager":
         return None
-    if name not in NAMES:
-        return f"unknown backend {name!r}; choose one of {NAMES + ('auto',)}"
     try:
         mod = load(name)
     except ImportError as e:

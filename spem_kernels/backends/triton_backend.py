@@ -201,7 +201,8 @@ def _spem_bwd_kernel(
     """G = dL/dout (masked by out > 0 with relu); S = sum(G * y) over the plane;
     dZ = S s1 s2 (1 - s2), dU = S s1 s2 (1 - s1), dA = dU + dZ w1 q0, dB = dU + dZ w1 q1;
     dy = G g + dA w2 at argmax + dB w2 at argmin; dresidual = G. Per (n, c) it stores
-    [dZ (q0 A + q1 B), dZ, dA M + dB m, dA + dB, dZ w1 A, dZ w1 B], summed over n later."""
+    [dZ (q0 A + q1 B), dZ, dA M + dB m, dA + dB, dZ w1 w2 (M - m)], summed over n later
+    (the last is dq0 - dq1 = dZ w1 (A - B), formed without cancellation)."""
     pid = tl.program_id(0)
     n = (pid // num_c_blocks).to(tl.int64)
     c = (pid % num_c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -252,13 +253,12 @@ def _spem_bwd_kernel(
             _input_grads(G, g, dM, dm, i_max, i_min, d_base, e_base, hw, W, sd_h, sd_w, se_h,
                          se_w, mask, WRITE_DRES, FLAT)
 
-    part = part_ptr + (n * C + c) * 6
+    part = part_ptr + (n * C + c) * 5
     tl.store(part, dZ * (q0 * A + q1 * B), mask=c_ok)
     tl.store(part + 1, dZ, mask=c_ok)
     tl.store(part + 2, dA * M + dB * m, mask=c_ok)
     tl.store(part + 3, dA + dB, mask=c_ok)
-    tl.store(part + 4, dZ * w1 * A, mask=c_ok)
-    tl.store(part + 5, dZ * w1 * B, mask=c_ok)
+    tl.store(part + 4, dZ * w1 * w2 * (M - m), mask=c_ok)
 
 
 # Elements per program tile. Larger planes loop; smaller ones share a program across channels.
@@ -313,7 +313,7 @@ def backward(grad, x, out, stats, idx, w1, b1, w2, b2, p, relu, write_dres):
     acc = compute_dtype(x.dtype)
     dx = torch.empty_like(x)
     dres = torch.empty_like(x) if write_dres else x.new_empty(0)
-    part = torch.empty((N, C, 6), dtype=acc, device=x.device)
+    part = torch.empty((N, C, 5), dtype=acc, device=x.device)
     if dx.numel() > 0:
         block_c, block_hw, one_pass, num_warps = _tiling(x)
         num_c_blocks = triton.cdiv(C, block_c)

@@ -1,0 +1,230 @@
+"""The fused SPEM op against the eager reference, for every (backend, device) in `case`.
+
+The reference runs in float64 on the same (upcast) values; inputs are fresh random
+numbers every run. On CPU the Triton kernels run in Triton's interpreter, so shapes stay
+small there; on a GPU the stage shapes also run at full batch.
+"""
+import pytest
+import torch
+
+from conftest import ON_GPU
+from spem_kernels import spem, spem_reference
+from spem_kernels.ops import spem_backward, spem_forward
+
+STAGE_SHAPES = [(2, 64, 32, 32), (2, 128, 16, 16), (2, 256, 8, 8)]
+ODD_SHAPES = [(3, 5, 1, 1), (2, 6, 7, 7), (2, 3, 13, 17)]
+LARGE_PLANE = (2, 3, 70, 70)  # 4900 positions: more than one 4096-element tile, so it loops
+FULL_SHAPES = [(128, 64, 32, 32), (128, 128, 16, 16), (128, 256, 8, 8)] if ON_GPU else []
+LAYOUTS = ["contiguous", "channels_last", "sliced"]
+TAILS = [(False, False), (True, False), (False, True), (True, True)]  # (residual, relu)
+
+
+def layout(t, kind):
+    """t in the memory layout `kind`, with the same values."""
+    if kind == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if kind == "sliced":  # a non-contiguous view into a larger buffer
+        N, C, H, W = t.shape
+        big = torch.empty(N, 2 * C, H + 1, W + 2, dtype=t.dtype, device=t.device)
+        view = big[:, ::2, 1:, 1:-1]
+        view.copy_(t)
+        return view
+    return t.contiguous()
+
+
+def make_inputs(shape, dtype, device, kind="contiguous", residual=True):
+    """x, w1, b1, w2, b2, p, residual: x and residual in `dtype`, parameters in float32
+    (float64 when dtype is float64), all fresh random."""
+    C = shape[1]
+    pdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    x = layout(torch.randn(shape, device=device).to(dtype), kind)
+    params = [0.5 * torch.randn(C, device=device, dtype=pdtype) for _ in range(4)]
+    params[0] = params[0].reshape(1, C, 1, 1)  # both parameter shapes are accepted
+    p = torch.randn(2, device=device, dtype=pdtype)
+    res = layout(torch.randn(shape, device=device).to(dtype), kind) if residual else None
+    return [x, *params, p, res]
+
+
+def rel_err(actual, expected):
+    """||actual - expected|| / ||expected||, in float64. Inputs and output gradients are O(1)
+    here, so a norm under 1e-2 is a cancellation (p's gradient on 1x1 planes, where max = min,
+    is exactly 0): there the floor 1e-2 turns the ratio into an absolute error."""
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-2)).item()
+
+
+def run(fn, inputs, relu, grad_out, **kw):
+    """Output and gradients of every tensor input that is not None."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
+    out = fn(*leaves[:6], leaves[6], relu=relu, **kw)
+    out.backward(grad_out)
+    return out, [t.grad for t in leaves if t is not None]
+
+
+def check_against_reference(inputs, relu, backend, out_tol, grad_tol, param_tol=None):
+    """Output, dx and dresidual within grad_tol; parameter gradients, which are sums over
+    N*H*W terms that largely cancel (float32 rounding is ~1e-7 of the sum of |terms|, a
+    larger share of the result), within param_tol."""
+    x = inputs[0]
+    grad_out = torch.randn(x.shape, device=x.device).to(x.dtype)
+    out, grads = run(spem, inputs, relu, grad_out, backend=backend)
+    ref_inputs = [t.double() if t is not None else None for t in inputs]
+    ref, ref_grads = run(spem_reference, ref_inputs, relu, grad_out.double())
+    assert out.dtype == x.dtype and out.shape == x.shape
+    assert rel_err(out, ref) <= out_tol
+    for name, g, rg in zip(["x", "w1", "b1", "w2", "b2", "p", "residual"], grads, ref_grads):
+        assert g.shape == rg.shape, name
+        tol = grad_tol if name in ("x", "residual") or param_tol is None else param_tol
+        assert rel_err(g, rg) <= tol, name
+    return out
+
+
+@pytest.mark.parametrize("shape", STAGE_SHAPES + ODD_SHAPES + [LARGE_PLANE] + FULL_SHAPES,
+                         ids=str)
+@pytest.mark.parametrize("kind", LAYOUTS)
+def test_float32_matches_reference(case, shape, kind):
+    backend, device = case
+    for residual, relu in TAILS:
+        inputs = make_inputs(shape, torch.float32, device, kind, residual)
+        out = check_against_reference(inputs, relu, backend, out_tol=1e-6, grad_tol=1e-5,
+                                      param_tol=1e-4)
+        if kind == "channels_last":
+            assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+# 16-bit: out and dx are computed in float32 and rounded once to the 16-bit format, so their
+# error is bounded by half an ulp (2**-11 for float16, 2**-8 for bfloat16) relative; the
+# parameter gradients are float32 sums of exactly representable 16-bit products, so they stay
+# near float32 accuracy (1e-4 leaves room for long sums).
+HALF_TOL = {torch.float16: (1e-3, 1e-3), torch.bfloat16: (8e-3, 8e-3)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", STAGE_SHAPES[::2] + [ODD_SHAPES[2]] + FULL_SHAPES, ids=str)
+def test_half_precision_matches_reference(case, dtype, kind, shape):
+    backend, device = case
+    out_tol, dx_tol = HALF_TOL[dtype]
+    inputs = make_inputs(shape, dtype, device, kind)
+    grad_out = torch.randn(shape, device=device).to(dtype)
+    out, grads = run(spem, inputs, True, grad_out, backend=backend)
+    ref, ref_grads = run(spem_reference, [t.double() for t in inputs], True, grad_out.double())
+    assert out.dtype == dtype
+    assert rel_err(out, ref) <= out_tol
+    assert rel_err(grads[0], ref_grads[0]) <= dx_tol
+    assert rel_err(grads[6], ref_grads[6]) <= dx_tol
+    for g, rg in zip(grads[1:6], ref_grads[1:6]):
+        assert g.dtype == torch.float32
+        assert rel_err(g, rg) <= 1e-4
+
+
+@pytest.mark.parametrize("kind", LAYOUTS)
+def test_ties_go_to_first_position(case, kind):
+    """Max and min gradients go to the first row-major position of a tie, on every layout."""
+    backend, device = case
+    shape = (2, 4, 6, 5)
+    inputs = make_inputs(shape, torch.float64, device, kind)
+    # Few distinct values: every plane's max and min are tied several times.
+    inputs[0] = layout(torch.randint(-2, 3, shape, device=device).double(), kind)
+    check_against_reference(inputs, False, backend, out_tol=1e-12, grad_tol=1e-12)
+    # A constant plane: max and min are both at position (0, 0).
+    x = layout(torch.full(shape, 0.7, dtype=torch.float64, device=device), kind)
+    w1, b1, w2, b2, p = [t.detach().requires_grad_() for t in inputs[1:6]]
+    x.requires_grad_()
+    out = spem(x, w1, b1, w2, b2, p, backend=backend)
+    g = torch.rand_like(out)
+    out.backward(g)
+    spike = (x.grad - g * (out / x).detach()).reshape(2, 4, -1)  # dx minus its G * gate part
+    assert torch.all(spike[:, :, 1:].abs() < 1e-12)
+    assert torch.all(spike[:, :, 0].abs() > 0)
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last"])
+def test_nan_plane_is_nan(case, kind):
+    """NaN anywhere in a plane makes that plane's output NaN; other planes are untouched."""
+    backend, device = case
+    shape = (2, 3, 5, 6)
+    inputs = make_inputs(shape, torch.float32, device, kind)
+    x = inputs[0].clone()
+    x[1, 2, 3, 4] = float("nan")
+    inputs[0] = layout(x, kind)
+    for relu in (False, True):
+        out = spem(*inputs[:6], inputs[6], relu=relu, backend=backend)
+        ref = spem_reference(*[t.double() for t in inputs[:7]], relu=relu)
+        assert torch.isnan(out[1, 2]).all()
+        assert torch.isnan(ref[1, 2]).all()
+        keep = torch.ones(shape, dtype=torch.bool, device=device)
+        keep[1, 2] = False
+        assert not torch.isnan(out[keep]).any()
+        assert rel_err(out[keep], ref[keep]) <= 1e-6
+
+
+def test_backward_is_deterministic(case):
+    """No float atomics: two backward runs give bitwise equal gradients."""
+    backend, device = case
+    shape = (128, 64, 8, 8) if device == "cuda" else (16, 8, 4, 4)
+    inputs = make_inputs(shape, torch.float32, device)
+    grad_out = torch.randn(shape, device=device)
+    _, first = run(spem, inputs, True, grad_out, backend=backend)
+    _, second = run(spem, inputs, True, grad_out, backend=backend)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last"])
+def test_gradcheck_float64(case, kind):
+    backend, device = case
+    for residual, relu in TAILS:
+        inputs = make_inputs((2, 2, 3, 3), torch.float64, device, kind, residual)
+        leaves = [t.detach().requires_grad_() if t is not None else None for t in inputs]
+        # The full Jacobian for the whole block tail; random projections (fast mode) for the
+        # other tails, to keep the interpreter's launch count down.
+        assert torch.autograd.gradcheck(
+            lambda *a: spem(*a[:6], a[6], relu=relu, backend=backend), leaves, eps=1e-6,
+            atol=1e-8, fast_mode=not (residual and relu))
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last"])
+def test_opcheck(case, kind):
+    backend, device = case
+    for residual, relu in TAILS:
+        for dtype in (torch.float32, torch.float64):
+            inputs = make_inputs((2, 5, 4, 3), dtype, device, kind, residual)
+            x = inputs[0].requires_grad_()
+            torch.library.opcheck(spem_forward, (*inputs, relu, backend))
+            with torch.no_grad():  # the backward op itself is not differentiable
+                out, stats, idx = spem_forward(*inputs, relu, backend)
+            grad = torch.randn_like(out)
+            flat = [t.reshape(-1) for t in inputs[1:6]]
+            torch.library.opcheck(spem_backward, (grad, x.detach(), out, stats, idx, *flat, relu,
+                                                  residual and relu, backend))
+
+
+def test_torch_compile_fullgraph(case):
+    """A model calling the op compiles without a graph break and matches eager."""
+    backend, device = case
+    import torch._dynamo
+
+    torch._dynamo.reset()
+
+    def block(x, w1, b1, w2, b2, p, residual):
+        y = torch.nn.functional.conv2d(x, torch.ones(4, 4, 1, 1, device=x.device) / 4)
+        return spem(y, w1, b1, w2, b2, p, residual, relu=True, backend=backend) * 2
+
+    inputs = make_inputs((2, 4, 5, 5), torch.float32, device)
+    grad_out = torch.randn(2, 4, 5, 5, device=device)
+    compiled = torch.compile(block, fullgraph=True)
+    out, grads = run(lambda *a, relu: compiled(*a), inputs, False, grad_out)
+    ref, ref_grads = run(lambda *a, relu: block(*a), inputs, False, grad_out)
+    assert rel_err(out, ref) <= 1e-6
+    for g, rg in zip(grads, ref_grads):
+        assert rel_err(g, rg) <= 1e-5
+
+
+def test_empty_batch(case):
+    backend, device = case
+    inputs = make_inputs((0, 4, 3, 3), torch.float32, device)
+    out, grads = run(spem, inputs, True, torch.empty(0, 4, 3, 3, device=device), backend=backend)
+    assert out.shape == (0, 4, 3, 3)
+    for g in grads[1:6]:
+        assert torch.all(g == 0)
