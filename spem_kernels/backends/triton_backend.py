@@ -8,6 +8,7 @@ Tensors are addressed through their strides, so NCHW, channels_last and sliced i
 need no copy. When each plane is flat (stride_h == W * stride_w, true for both dense
 memory formats) the position index is used directly instead of being split into (h, w).
 """
+import contextlib
 import os
 
 import torch
@@ -283,8 +284,11 @@ def _flat(*tensors):
     return all(t.stride(2) == t.shape[3] * t.stride(3) or t.shape[2] == 1 for t in tensors)
 
 
-def _strides(t):
-    return t.stride() if t is not None else (0, 0, 0, 0)
+def _on_device(device):
+    """Triton launches on the current CUDA device: switch to x's when it differs."""
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def forward(x, w1, b1, w2, b2, p, residual, relu):
@@ -293,18 +297,19 @@ def forward(x, w1, b1, w2, b2, p, residual, relu):
     out = torch.empty_like(x)
     stats = torch.empty((N, C, 2), dtype=acc, device=x.device)
     idx = torch.empty((N, C, 2), dtype=torch.int32, device=x.device)
-    if out.numel() == 0:
-        return out, stats, idx
-    block_c, block_hw, one_pass, num_warps = _tiling(x)
-    num_c_blocks = triton.cdiv(C, block_c)
-    res = residual if residual is not None else x
-    _spem_fwd_kernel[(N * num_c_blocks,)](
-        x, res, out, w1, b1, w2, b2, p, stats, idx,
-        C, W, H * W, num_c_blocks,
-        *x.stride(), *res.stride(), *out.stride(),
-        HAS_RES=residual is not None, RELU=relu, ACC=_TL_DTYPE[acc], FLAT=_flat(x, res, out),
-        ONE_PASS=one_pass, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps,
-    )
+    if out.numel() > 0:
+        block_c, block_hw, one_pass, num_warps = _tiling(x)
+        num_c_blocks = triton.cdiv(C, block_c)
+        res = residual if residual is not None else x
+        with _on_device(x.device):
+            _spem_fwd_kernel[(N * num_c_blocks,)](
+                x, res, out, w1, b1, w2, b2, p, stats, idx,
+                C, W, H * W, num_c_blocks,
+                *x.stride(), *res.stride(), *out.stride(),
+                HAS_RES=residual is not None, RELU=relu, ACC=_TL_DTYPE[acc],
+                FLAT=_flat(x, res, out), ONE_PASS=one_pass, BLOCK_C=block_c,
+                BLOCK_HW=block_hw, num_warps=num_warps,
+            )
     return out, stats, idx
 
 
@@ -319,12 +324,14 @@ def backward(grad, x, out, stats, idx, w1, b1, w2, b2, p, relu, write_dres):
         num_c_blocks = triton.cdiv(C, block_c)
         o = out if relu else x
         e = dres if write_dres else dx
-        _spem_bwd_kernel[(N * num_c_blocks,)](
-            grad, x, o, dx, e, w1, b1, w2, b2, p, stats, idx, part,
-            C, W, H * W, num_c_blocks,
-            *grad.stride(), *x.stride(), *o.stride(), *dx.stride(), *e.stride(),
-            RELU=relu, WRITE_DRES=write_dres, ACC=_TL_DTYPE[acc], FLAT=_flat(grad, x, o, dx, e),
-            ONE_PASS=one_pass, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps,
-        )
+        with _on_device(x.device):
+            _spem_bwd_kernel[(N * num_c_blocks,)](
+                grad, x, o, dx, e, w1, b1, w2, b2, p, stats, idx, part,
+                C, W, H * W, num_c_blocks,
+                *grad.stride(), *x.stride(), *o.stride(), *dx.stride(), *e.stride(),
+                RELU=relu, WRITE_DRES=write_dres, ACC=_TL_DTYPE[acc],
+                FLAT=_flat(grad, x, o, dx, e), ONE_PASS=one_pass, BLOCK_C=block_c,
+                BLOCK_HW=block_hw, num_warps=num_warps,
+            )
     # A plain sum over n, not float atomics: two runs give bitwise equal gradients.
     return dx, dres, part.sum(0)
