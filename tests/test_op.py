@@ -13,7 +13,7 @@ from spem_kernels.ops import spem_backward, spem_forward
 
 STAGE_SHAPES = [(2, 64, 32, 32), (2, 128, 16, 16), (2, 256, 8, 8)]
 ODD_SHAPES = [(3, 5, 1, 1), (2, 6, 7, 7), (2, 3, 13, 17)]
-LARGE_PLANE = (2, 3, 70, 70)  # 4900 positions: more than one 4096-element tile, so it loops
+LARGE_PLANE = (2, 2, 100, 100)  # 10000 positions: more than one tile holds, so it loops
 FULL_SHAPES = [(128, 64, 32, 32), (128, 128, 16, 16), (128, 256, 8, 8)] if ON_GPU else []
 LAYOUTS = ["contiguous", "channels_last", "sliced"]
 TAILS = [(False, False), (True, False), (False, True), (True, True)]  # (residual, relu)

@@ -262,22 +262,31 @@ def _spem_bwd_kernel(
     tl.store(part + 4, dZ * w1 * w2 * (M - m), mask=c_ok)
 
 
-# Elements per program tile. Larger planes loop; smaller ones share a program across channels.
-_MAX_TILE = 4096
+# Elements per program tile: NCHW planes share a program up to _TILE elements; a plane (or
+# a channels_last channel block) up to _ONE_PASS_TILE stays in registers for one pass
+# (16 warps, 16 elements a thread: no spills on sm_80/sm_90, see tests/triton_aot.py);
+# larger planes loop over _TILE-element chunks (the second pass then mostly hits L2).
+_TILE = 4096
+_ONE_PASS_TILE = 8192
 
 
 def _tiling(x):
     """(BLOCK_C, BLOCK_HW, ONE_PASS, num_warps) for x's plane size and memory format."""
     C, H, W = x.shape[1:]
-    HW = H * W
-    block_hw = min(triton.next_power_of_2(HW), _MAX_TILE)
-    block_c = max(1, _MAX_TILE // block_hw)
-    if x.stride(1) == 1:  # channels_last: channels are the contiguous axis; fill 32-byte sectors
-        block_c = max(block_c, 32 // x.element_size())
-        block_hw = min(block_hw, max(16, _MAX_TILE // block_c))
+    plane = triton.next_power_of_2(H * W)
+    if x.stride(1) == 1 and C > 1:
+        # channels_last: channels are the contiguous axis; 32 bytes of them fill a sector,
+        # 16 bytes (a 16-bit 32x32 plane) still load 16 bytes a thread and keep one pass.
+        block_c = 32 // x.element_size()
+        while block_c > 1 and block_c * plane > _ONE_PASS_TILE:
+            block_c //= 2
+    else:
+        block_c = max(1, _TILE // plane)
     block_c = min(block_c, triton.next_power_of_2(C))
+    one_pass = block_c * plane <= _ONE_PASS_TILE
+    block_hw = plane if one_pass else max(16, _TILE // block_c)
     num_warps = min(16, max(2, block_c * block_hw // 512))
-    return block_c, block_hw, block_hw >= HW, num_warps
+    return block_c, block_hw, one_pass, num_warps
 
 
 def _flat(*tensors):
@@ -291,47 +300,58 @@ def _on_device(device):
     return contextlib.nullcontext()
 
 
-def forward(x, w1, b1, w2, b2, p, residual, relu):
+def fwd_launch(x, residual, out, w1, b1, w2, b2, p, stats, idx, relu):
+    """(grid, args, meta) of the forward kernel for these tensors: the single place the
+    launch is described (tests/triton_aot.py compiles the same launches for sm_80/sm_90)."""
     N, C, H, W = x.shape
+    block_c, block_hw, one_pass, num_warps = _tiling(x)
+    num_c_blocks = triton.cdiv(C, block_c)
+    res = residual if residual is not None else x
+    args = (x, res, out, w1, b1, w2, b2, p, stats, idx, C, W, H * W, num_c_blocks,
+            *x.stride(), *res.stride(), *out.stride())
+    meta = dict(HAS_RES=residual is not None, RELU=relu, ACC=_TL_DTYPE[compute_dtype(x.dtype)],
+                FLAT=_flat(x, res, out), ONE_PASS=one_pass, BLOCK_C=block_c,
+                BLOCK_HW=block_hw, num_warps=num_warps)
+    return (N * num_c_blocks,), args, meta
+
+
+def bwd_launch(grad, x, out, dx, dres, w1, b1, w2, b2, p, stats, idx, part, relu, write_dres):
+    """(grid, args, meta) of the backward kernel for these tensors."""
+    N, C, H, W = x.shape
+    block_c, block_hw, one_pass, num_warps = _tiling(x)
+    num_c_blocks = triton.cdiv(C, block_c)
+    o = out if relu else x
+    e = dres if write_dres else dx
+    args = (grad, x, o, dx, e, w1, b1, w2, b2, p, stats, idx, part, C, W, H * W, num_c_blocks,
+            *grad.stride(), *x.stride(), *o.stride(), *dx.stride(), *e.stride())
+    meta = dict(RELU=relu, WRITE_DRES=write_dres, ACC=_TL_DTYPE[compute_dtype(x.dtype)],
+                FLAT=_flat(grad, x, o, dx, e), ONE_PASS=one_pass, BLOCK_C=block_c,
+                BLOCK_HW=block_hw, num_warps=num_warps)
+    return (N * num_c_blocks,), args, meta
+
+
+def forward(x, w1, b1, w2, b2, p, residual, relu):
+    N, C = x.shape[:2]
     acc = compute_dtype(x.dtype)
     out = torch.empty_like(x)
     stats = torch.empty((N, C, 2), dtype=acc, device=x.device)
     idx = torch.empty((N, C, 2), dtype=torch.int32, device=x.device)
     if out.numel() > 0:
-        block_c, block_hw, one_pass, num_warps = _tiling(x)
-        num_c_blocks = triton.cdiv(C, block_c)
-        res = residual if residual is not None else x
+        grid, args, meta = fwd_launch(x, residual, out, w1, b1, w2, b2, p, stats, idx, relu)
         with _on_device(x.device):
-            _spem_fwd_kernel[(N * num_c_blocks,)](
-                x, res, out, w1, b1, w2, b2, p, stats, idx,
-                C, W, H * W, num_c_blocks,
-                *x.stride(), *res.stride(), *out.stride(),
-                HAS_RES=residual is not None, RELU=relu, ACC=_TL_DTYPE[acc],
-                FLAT=_flat(x, res, out), ONE_PASS=one_pass, BLOCK_C=block_c,
-                BLOCK_HW=block_hw, num_warps=num_warps,
-            )
+            _spem_fwd_kernel[grid](*args, **meta)
     return out, stats, idx
 
 
 def backward(grad, x, out, stats, idx, w1, b1, w2, b2, p, relu, write_dres):
-    N, C, H, W = x.shape
-    acc = compute_dtype(x.dtype)
+    N, C = x.shape[:2]
     dx = torch.empty_like(x)
     dres = torch.empty_like(x) if write_dres else x.new_empty(0)
-    part = torch.empty((N, C, 5), dtype=acc, device=x.device)
+    part = torch.empty((N, C, 5), dtype=compute_dtype(x.dtype), device=x.device)
     if dx.numel() > 0:
-        block_c, block_hw, one_pass, num_warps = _tiling(x)
-        num_c_blocks = triton.cdiv(C, block_c)
-        o = out if relu else x
-        e = dres if write_dres else dx
+        grid, args, meta = bwd_launch(grad, x, out, dx, dres, w1, b1, w2, b2, p, stats, idx,
+                                      part, relu, write_dres)
         with _on_device(x.device):
-            _spem_bwd_kernel[(N * num_c_blocks,)](
-                grad, x, o, dx, e, w1, b1, w2, b2, p, stats, idx, part,
-                C, W, H * W, num_c_blocks,
-                *grad.stride(), *x.stride(), *o.stride(), *dx.stride(), *e.stride(),
-                RELU=relu, WRITE_DRES=write_dres, ACC=_TL_DTYPE[acc],
-                FLAT=_flat(grad, x, o, dx, e), ONE_PASS=one_pass, BLOCK_C=block_c,
-                BLOCK_HW=block_hw, num_warps=num_warps,
-            )
+            _spem_bwd_kernel[grid](*args, **meta)
     # A plain sum over n, not float atomics: two runs give bitwise equal gradients.
     return dx, dres, part.sum(0)

@@ -1,0 +1,138 @@
+"""Compile the Triton kernels for NVIDIA GPUs on a machine without one.
+
+This runs Triton's real compiler (TTIR -> PTX -> cubin through the ptxas Triton ships),
+not the interpreter, on exactly the launches the backend makes (`fwd_launch`/`bwd_launch`),
+specialised the way Triton's launcher does it (integers equal to 1 become constants,
+16-divisible integers and pointers get divisibility hints). It catches what the
+interpreter cannot: code that does not compile, register spills, narrow loads.
+
+    python tests/triton_aot.py [--arch 90] [--json]   registers, spills, widest loads
+
+It must run without TRITON_INTERPRET (tests/test_triton_compile.py starts it that way).
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+import triton
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import BaseBackend, GPUTarget
+from triton.compiler import ASTSource
+
+from spem_kernels.backends import compute_dtype
+from spem_kernels.backends import triton_backend as tb
+
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                         "cuobjdump")
+
+
+def compile_launch(kernel, args, meta, arch):
+    """The compiled kernel (cubin and PTX) for one launch's arguments, for sm_<arch>."""
+    meta = dict(meta)
+    num_warps = meta.pop("num_warps")
+    names = kernel.arg_names
+    runtime = [n for n in names if n not in meta]
+    signature, constexprs, attrs = {}, {}, {}
+    for name, value in zip(runtime, args):
+        ty, spec = native_specialize_impl(BaseBackend, value, False, True, True)
+        i = names.index(name)
+        signature[name] = ty
+        if ty == "constexpr":
+            constexprs[(i,)] = value
+        elif spec == "D":
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    for name, value in meta.items():
+        signature[name] = "constexpr"
+        constexprs[(names.index(name),)] = value
+    src = ASTSource(kernel, signature, constexprs, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps})
+
+
+def resource_usage(compiled):
+    """{"REG": n, "STACK": bytes, "LOCAL": bytes, ...} from cuobjdump of the cubin."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        text = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], check=True,
+                              capture_output=True, text=True).stdout
+    return {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", text.split("Resource usage:")[-1])}
+
+
+def widest_global_load_bytes(compiled, elem_bytes):
+    """Widest vector global load in the PTX, in bytes (v4 of 32-bit words is 16 bytes)."""
+    widths = [int(v or 1) * int(bits) // 8 for v, bits in
+              re.findall(r"ld\.global(?:\.\w+)*?(?:\.v(\d))?\.b(\d+)", compiled.asm["ptx"])]
+    return max(widths, default=elem_bytes)
+
+
+def launches(shape, dtype, channels_last, relu, residual):
+    """(name, kernel, args, meta) for the forward and backward launch of one call."""
+    N, C = shape[:2]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.empty(shape, dtype=dtype).contiguous(memory_format=fmt)
+    res = torch.empty_like(x) if residual else None
+    out, grad, dx, dres = (torch.empty_like(x) for _ in range(4))
+    params = [torch.empty(C) for _ in range(4)] + [torch.empty(2)]
+    acc = compute_dtype(dtype)
+    stats = torch.empty(N, C, 2, dtype=acc)
+    idx = torch.empty(N, C, 2, dtype=torch.int32)
+    part = torch.empty(N, C, 5, dtype=acc)
+    _, fargs, fmeta = tb.fwd_launch(x, res, out, *params, stats, idx, relu)
+    _, bargs, bmeta = tb.bwd_launch(grad, x, out, dx, dres, *params, stats, idx, part, relu,
+                                    residual and relu)
+    return [("fwd", tb._spem_fwd_kernel, fargs, fmeta), ("bwd", tb._spem_bwd_kernel, bargs, bmeta)]
+
+
+# The launches worth compiling: the ResNet-164 block tail at each stage shape in both
+# layouts and both training dtypes, the plain gate, a plane that loops, float64.
+CASES = [(shape, dtype, cl, True, True)
+         for shape in [(2, 64, 32, 32), (2, 128, 16, 16), (2, 256, 8, 8)]
+         for dtype in (torch.float32, torch.bfloat16) for cl in (False, True)] + [
+    ((2, 64, 32, 32), torch.float32, False, False, False),
+    ((1, 2, 100, 100), torch.float32, False, True, True),
+    ((1, 2, 100, 100), torch.bfloat16, True, True, True),
+    ((2, 5, 13, 17), torch.float64, True, True, True),
+]
+
+
+def report(arch):
+    """Compile every case; return rows of (case, kernel, meta, resources, widest load)."""
+    rows = []
+    for shape, dtype, cl, relu, residual in CASES:
+        for name, kernel, args, meta in launches(shape, dtype, cl, relu, residual):
+            compiled = compile_launch(kernel, args, meta, arch)
+            case = f"{shape} {str(dtype)[6:]} {'NHWC' if cl else 'NCHW'} relu={relu} res={residual}"
+            rows.append((case, name, meta, resource_usage(compiled),
+                         widest_global_load_bytes(compiled, torch.empty(0, dtype=dtype).element_size())))
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    parser.add_argument("--json", action="store_true", help="print one JSON list of rows")
+    args = parser.parse_args()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("run without TRITON_INTERPRET=1: the interpreter compiles nothing")
+    if args.json:
+        print(json.dumps([dict(arch=arch, case=case, kernel=name, resources=res, load_bytes=load,
+                               one_pass=meta["ONE_PASS"])
+                          for arch in args.arch for case, name, meta, res, load in report(arch)]))
+        return
+    for arch in args.arch:
+        print(f"sm_{arch}: {'case':<44} {'kern':>4} {'BC':>4} {'BHW':>5} {'warps':>5} "
+              f"{'REG':>4} {'STACK':>5} {'LOCAL':>5} {'load B':>6}")
+        for case, name, meta, res, load in report(arch):
+            print(f"sm_{arch}: {case:<44} {name:>4} {meta['BLOCK_C']:>4} {meta['BLOCK_HW']:>5} "
+                  f"{meta['num_warps']:>5} {res.get('REG', -1):>4} {res.get('STACK', -1):>5} "
+                  f"{res.get('LOCAL', -1):>5} {load:>6}")
+
+
+if __name__ == "__main__":
+    main()
