@@ -1,0 +1,1 @@
+"""Microbenchmarks and the performance report of the SPEM op (see report.py)."""
