@@ -1,0 +1,148 @@
+"""CIFAR ResNets with SPEM after the last BatchNorm of every block (SPEM.md).
+
+The layout, names and initialisation are those of the original ResNet-164 code, so a user's
+existing checkpoints load with strict=True. The SPEM parameters sit on the block itself
+(`layer1.0.w1`, not `layer1.0.spem.w1`), which is why the blocks call the functional op.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backends import NAMES as BACKENDS
+from ..layer import SPEM
+from ..ops import spem
+
+BLOCKS = ("bottleneck", "basicblock")
+ATTENTIONS = ("spem", "none")
+
+
+class _Block(nn.Module):
+    """What both blocks share: the SPEM parameters and the fused tail relu(g * out + residual)."""
+
+    def _init_attention(self, channels, attention, backend):
+        self.attention, self.backend = attention, backend
+        if attention == "spem":
+            # Borrow a SPEM layer's parameters, initialisation included, as the block's own.
+            for name, param in SPEM(channels).named_parameters():
+                self.register_parameter(name, param)
+
+    def _tail(self, out, residual):
+        if self.attention == "none":
+            return F.relu(out + residual)
+        return spem(out, self.w1, self.b1, self.w2, self.b2, self.p, residual, relu=True,
+                    backend=self.backend)
+
+    def spem_penalty(self):
+        return SPEM.penalty(self)  # reads only self.p, which this block holds
+
+
+class BasicBlock(_Block):
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, *, attention, backend):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+        self._init_attention(planes, attention, backend)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        residual = x if self.downsample is None else self.downsample(x)
+        return self._tail(out, residual)
+
+
+class Bottleneck(_Block):
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, *, attention, backend):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.downsample = downsample
+        self._init_attention(planes * 4, attention, backend)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        residual = x if self.downsample is None else self.downsample(x)
+        return self._tail(out, residual)
+
+
+class CifarResNet(nn.Module):
+    """conv-bn-relu stem, three stages of `blocks` blocks (16, 32, 64 planes), avg pool 8, fc."""
+
+    def __init__(self, block, blocks, num_classes, attention, backend):
+        super().__init__()
+        self.inplanes = 16
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.layer1 = self._make_layer(block, 16, blocks, 1, attention, backend)
+        self.layer2 = self._make_layer(block, 32, blocks, 2, attention, backend)
+        self.layer3 = self._make_layer(block, 64, blocks, 2, attention, backend)
+        self.avgpool = nn.AvgPool2d(8)
+        self.fc = nn.Linear(64 * block.expansion, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _make_layer(self, block, planes, blocks, stride, attention, backend):
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
+                nn.BatchNorm2d(planes * block.expansion))
+        layers = [block(self.inplanes, planes, stride, downsample,
+                        attention=attention, backend=backend)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes, attention=attention, backend=backend)
+                   for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        # flatten, not view: the pooled tensor of a channels_last input is not contiguous.
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+    def spem_penalty(self):
+        """Sum over SPEM layers of p0^2 + p1^2 (a zero tensor for the plain network)."""
+        blocks = [b for b in self.modules() if isinstance(b, _Block) and b.attention == "spem"]
+        if not blocks:
+            return self.fc.weight.new_zeros(())
+        return torch.stack([b.spem_penalty() for b in blocks]).sum()
+
+
+def cifar_resnet(depth=164, num_classes=10, block_name="bottleneck", attention="spem",
+                 backend="auto"):
+    """A CIFAR ResNet: bottleneck blocks for depth 9n + 2 (164 -> 18 blocks per stage) or
+    basic blocks (``block_name="basicblock"``) for depth 6n + 2; ``attention="none"`` gives
+    the plain network. ``backend`` goes to every SPEM layer."""
+    name = block_name.lower() if isinstance(block_name, str) else block_name
+    if name not in BLOCKS:
+        raise ValueError(f"block_name must be one of {BLOCKS}, got {block_name!r}")
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+    if backend not in BACKENDS + ("auto",):
+        raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {backend!r}")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    block, step = (Bottleneck, 9) if name == "bottleneck" else (BasicBlock, 6)
+    if not isinstance(depth, int) or depth < step + 2 or (depth - 2) % step:
+        raise ValueError(f"depth of a {name} ResNet must be {step}n + 2 with n >= 1 "
+                         f"(e.g. {step + 2}, {2 * step + 2}, ...), got {depth!r}")
+    return CifarResNet(block, (depth - 2) // step, num_classes, attention, backend)

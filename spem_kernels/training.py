@@ -1,0 +1,317 @@
+"""The CIFAR trainer: data on the device, model, SGD, AMP, DDP, checkpoints, logs.
+
+`run(args)` takes the flags of train_cifar.py (any object with those attributes). One process
+trains on one device; under torchrun each process is one rank of DistributedDataParallel
+(NCCL on GPUs, gloo on CPU) and trains on its shard; rank 0 alone prints and writes files.
+"""
+import os
+import random
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from .data import cifar
+from .models import cifar_resnet
+
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+LOG_COLUMNS = ("Learning Rate", "Train Loss", "Classify Loss", "Parameter Loss", "Valid Loss",
+               "Train Acc.", "Valid Acc.")
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Wrappers whose state_dict keys carry a prefix: DataParallel/DDP and torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def run(args):
+    """Train (or with args.evaluate, evaluate) as the flags say; returns the best test accuracy."""
+    device, rank, world = _setup_distributed(args.device)
+    main = rank == 0
+    folder = args.checkpoint or (os.path.dirname(args.resume) if args.resume else "checkpoint")
+    if args.evaluate:
+        args.resume = args.resume or os.path.join(folder, "model_best.pth.tar")
+    ckpt = load_checkpoint(args.resume) if args.resume else None
+
+    # A resumed run keeps its seed: the data order of later epochs depends on it.
+    seed = (ckpt or {}).get("args", {}).get("manualSeed")
+    seed = args.manualSeed if seed is None else seed
+    seed = _broadcast(random.randint(1, 10000) if seed is None else seed, world)
+    args.manualSeed = seed
+    torch.manual_seed(seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    if world > 1 and args.train_batch % world:
+        raise ValueError(f"--train-batch {args.train_batch} (the global batch) must divide "
+                         f"evenly over {world} processes")
+    if main:  # one process downloads and extracts; the others wait, then read
+        cifar.prepare(args.dataset, args.data_dir)
+    if world > 1:
+        dist.barrier()
+    data = cifar.load_cifar(args.dataset, args.data_dir, download=False)
+    common = dict(device=device, rank=rank, world_size=world, channels_last=args.channels_last)
+    train_loader = cifar.CifarLoader(data.train_images, data.train_labels,
+                                     args.train_batch // world, train=True, seed=seed, **common)
+    test_loader = cifar.CifarLoader(data.test_images, data.test_labels, args.test_batch,
+                                    train=False, **common)
+
+    net = cifar_resnet(args.depth, NUM_CLASSES[args.dataset], args.block_name, args.attention,
+                       args.backend).to(device)
+    if args.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    # Weight decay on every parameter, SPEM's included, as the original trainer did.
+    optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.wd)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    start_epoch, best_acc = 0, 0.0
+    if ckpt is not None:
+        _load_model(net, ckpt, args.resume)
+        if not args.evaluate:
+            start_epoch, best_acc = _restore_training(ckpt, optimizer, scaler, train_loader)
+
+    eval_model = torch.compile(net) if args.compile else net
+    train_model = DistributedDataParallel(net) if world > 1 else net
+    if args.compile:
+        train_model = torch.compile(train_model)
+    autocast = torch.autocast(device.type, dtype=AMP_DTYPES[args.amp] or torch.float32,
+                              enabled=args.amp != "none")
+
+    if args.evaluate:
+        loss, acc = evaluate(eval_model, test_loader, autocast, world)
+        if main:
+            print(f" Test Loss:  {loss:.8f}, Test Acc:  {acc:.2f}")
+        _teardown(world)
+        return acc
+
+    if main:
+        os.makedirs(folder, exist_ok=True)
+        print(f"{args.dataset}: {len(data.train_labels)} train, {len(data.test_labels)} test "
+              f"images; ResNet-{args.depth} {args.block_name} attention={args.attention}, "
+              f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters; {world} "
+              f"process(es) on {device.type}; seed {seed}", flush=True)
+        log = os.path.join(folder, "log.txt")
+        if ckpt is None or not os.path.isfile(log):
+            with open(log, "w") as f:
+                f.write("\t".join(LOG_COLUMNS) + "\n")
+
+    for epoch in range(start_epoch, args.epochs):
+        lr = args.lr * args.gamma ** sum(epoch >= m for m in args.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        bar = tqdm(total=train_loader.shard_size() * world, unit="img", unit_scale=True,
+                   desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+                   disable=not (main and sys.stderr.isatty()))
+        t0 = time.perf_counter()
+        train_loss, ce_loss, param_loss, train_acc = train_epoch(
+            train_model, net, train_loader, optimizer, scaler, autocast, args.alpha, world, bar)
+        speed = train_loader.shard_size() * world / (time.perf_counter() - t0)
+        bar.close()
+        if world > 1:  # rank 0's BatchNorm statistics are the ones saved: test with them
+            for buffer in net.buffers():
+                dist.broadcast(buffer, 0)
+        valid_loss, valid_acc = evaluate(eval_model, test_loader, autocast, world)
+        best_acc = max(best_acc, valid_acc)
+        if main:
+            print(f"epoch {epoch + 1}/{args.epochs}  lr {lr:.4g}  train loss {train_loss:.4f} "
+                  f"(ce {ce_loss:.4f} + param {param_loss:.4f}) acc {train_acc:.2f}  "
+                  f"valid loss {valid_loss:.4f} acc {valid_acc:.2f}  {speed:.0f} img/s",
+                  flush=True)
+            row = (lr, train_loss, ce_loss, param_loss, valid_loss, train_acc, valid_acc)
+            with open(log, "a") as f:
+                f.write("\t".join(f"{v:.6f}" for v in row) + "\n")
+            plot_log(log, os.path.join(folder, "log.png"))
+            state = {
+                "epoch": epoch + 1, "state_dict": net.state_dict(), "acc": valid_acc,
+                "best_acc": best_acc, "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(), "args": dict(vars(args)),
+                "rng": {"torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                        "data": train_loader.generator.get_state()},
+            }
+            save_atomic(state, os.path.join(folder, "checkpoint.pth.tar"))
+            if valid_acc == best_acc:
+                save_atomic(state, os.path.join(folder, "model_best.pth.tar"))
+    if main:
+        print(f"Best acc: {best_acc:.2f}")
+    _teardown(world)
+    return best_acc
+
+
+def train_epoch(model, net, loader, optimizer, scaler, autocast, alpha, world, bar):
+    """One pass over this rank's shard; returns the epoch's mean (total loss, cross-entropy,
+    alpha * penalty, accuracy %) over all ranks. Sums stay on the device: no per-step sync."""
+    model.train()
+    sums = torch.zeros(5, dtype=torch.float64, device=loader.device)
+    for x, y in loader:
+        with autocast:
+            logits = model(x)
+        ce = F.cross_entropy(logits.float(), y)
+        penalty = alpha * net.spem_penalty()
+        loss = ce + penalty
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        n = len(y)
+        sums += torch.stack([loss.detach() * n, ce.detach() * n, penalty.detach() * n,
+                             (logits.argmax(1) == y).sum().float(), loss.new_tensor(n)]).double()
+        bar.update(n * world)
+    total, ce, param, correct, count = _all_reduce(sums, world).tolist()
+    return total / count, ce / count, param / count, 100.0 * correct / count
+
+
+@torch.no_grad()
+def evaluate(model, loader, autocast, world):
+    """(mean cross-entropy, accuracy %) over the whole test set, all ranks together."""
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=loader.device)
+    for x, y in loader:
+        with autocast:
+            logits = model(x)
+        sums += torch.stack([F.cross_entropy(logits.float(), y, reduction="sum"),
+                             (logits.argmax(1) == y).sum().float(),
+                             logits.new_tensor(len(y), dtype=torch.float32)]).double()
+    loss, correct, count = _all_reduce(sums, world).tolist()
+    return loss / count, 100.0 * correct / count
+
+
+# --- checkpoints ---
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`:
+    a crash mid-write leaves the previous file intact."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path):
+    """A checkpoint dict with a prefix-free 'state_dict'. Reads only tensors and plain data
+    (weights_only=True). Accepts a bare state dict too; errors name the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    if isinstance(ckpt, dict) and ckpt and "state_dict" not in ckpt \
+            and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        ckpt = {"state_dict": ckpt}
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise ValueError(f"{path} is not a CIFAR ResNet checkpoint: expected a dict with a "
+                         f"'state_dict' entry, got {type(ckpt).__name__}"
+                         + (f" with keys {sorted(map(str, ckpt))[:8]}" if isinstance(ckpt, dict)
+                            else ""))
+    ckpt["state_dict"] = strip_wrapper_prefixes(ckpt["state_dict"])
+    return ckpt
+
+
+def strip_wrapper_prefixes(state_dict):
+    """Drop the 'module.' (DataParallel/DDP) and '_orig_mod.' (torch.compile) key prefixes."""
+    def strip(key):
+        while key.startswith(WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
+        return key
+    return {strip(k): v for k, v in state_dict.items()}
+
+
+def _load_model(net, ckpt, path):
+    try:
+        net.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise RuntimeError(f"{path} does not fit this model (check --dataset, --depth, "
+                           f"--block-name, --attention): {e}") from e
+
+
+def _restore_training(ckpt, optimizer, scaler, train_loader):
+    """Optimizer, scaler and RNG states; (start epoch, best accuracy). Checkpoints of the
+    original trainer have no scaler or RNG entries: those then start afresh."""
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler") and scaler.is_enabled():
+        scaler.load_state_dict(ckpt["scaler"])
+    rng = ckpt.get("rng", {})
+    if "torch" in rng:
+        torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") and torch.cuda.is_available() \
+            and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    if "data" in rng:
+        train_loader.generator.set_state(rng["data"])
+    return ckpt["epoch"], ckpt["best_acc"]
+
+
+# --- log.png ---
+
+def plot_log(log_path, png_path):
+    """Loss and accuracy curves of every epoch in log.txt (resumed runs included)."""
+    # matplotlib's object API renders PNG with Agg and never touches pyplot's global backend.
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    with open(log_path) as f:
+        header = f.readline().rstrip("\n").split("\t")
+        rows = [list(map(float, line.split("\t"))) for line in f if line.strip()]
+    columns = {name: [r[i] for r in rows] for i, name in enumerate(header)}
+    epochs = range(1, len(rows) + 1)
+    fig = Figure(figsize=(10, 4))
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    for name in ("Train Loss", "Classify Loss", "Valid Loss"):
+        loss_ax.plot(epochs, columns[name], label=name)
+    for name in ("Train Acc.", "Valid Acc."):
+        acc_ax.plot(epochs, columns[name], label=name)
+    for ax, ylabel in ((loss_ax, "loss"), (acc_ax, "accuracy (%)")):
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+
+
+# --- processes ---
+
+def _setup_distributed(device_flag):
+    """(device, rank, world size) from torchrun's RANK / WORLD_SIZE / LOCAL_RANK, if set."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(device_flag or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", local_rank if world > 1 else 0)
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    return device, rank, world
+
+
+def _broadcast(value, world):
+    if world == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _all_reduce(tensor, world):
+    if world > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def _teardown(world):
+    if world > 1:
+        dist.destroy_process_group()
