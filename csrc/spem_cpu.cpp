@@ -1,0 +1,527 @@
+// CPU kernels of the spem_native ops (math: spem_math.h and SPEM.md).
+//
+// Two walks over the data, picked by x's layout; every tensor is addressed through its own
+// strides, so no input is copied:
+// - plane-major (NCHW and anything else): at::parallel_for over planes (n, c). A plane is walked
+//   row by row (one row of H*W when every tensor's plane is flat), in kLanes independent lanes
+//   that the compiler turns into SIMD; the plane (4 KiB at 32x32 float32) stays in L1 between
+//   the reduction and the write, so memory is read once per direction.
+// - channel-major (channels_last, x.stride(1) == 1): at::parallel_for over (n, block of
+//   channels); the lanes are the channels, contiguous in memory, and the block is sized to stay
+//   in L2 between the two passes.
+// Sums over a plane run in a fixed order, and the per-(n, c) partials of the parameter
+// gradients are summed over n in order: results do not depend on the thread count.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "spem_math.h"
+#include "spem_op.h"
+
+namespace spem_native {
+namespace {
+
+constexpr int kLanes = 16;                  // one AVX-512 register of float32
+constexpr int64_t kTileElements = 1 << 15;  // per parallel task: 128 KiB of float32
+constexpr int64_t kMaxChannelBlock = 256;
+
+// A position stored with the width of Acc, so one SIMD compare mask selects value and position.
+template <typename Acc>
+using Pos = std::conditional_t<sizeof(Acc) == 8, int64_t, int32_t>;
+
+template <typename T>
+struct View {
+  T* data;
+  int64_t sn, sc, sh, sw;
+
+  View(const at::Tensor& t)
+      : data(static_cast<T*>(t.data_ptr())),
+        sn(t.stride(0)), sc(t.stride(1)), sh(t.stride(2)), sw(t.stride(3)) {}
+  T* plane(int64_t n, int64_t c) const { return data + n * sn + c * sc; }
+  T& at(int64_t n, int64_t c, int64_t pos, int64_t W) const {
+    return plane(n, c)[(pos / W) * sh + (pos % W) * sw];
+  }
+};
+
+template <typename F>
+void with_bool(bool value, F&& f) {
+  if (value) f(std::true_type{}); else f(std::false_type{});
+}
+
+// Plane-major walk: `rows` rows of `len` elements; row r of a tensor starts at r * sh.
+struct Rows {
+  int64_t rows, len;
+};
+
+bool plane_is_flat(const at::Tensor& t) {
+  return t.size(2) == 1 || t.stride(2) == t.size(3) * t.stride(3);
+}
+
+Rows plane_rows(const std::vector<at::Tensor>& ts) {
+  const auto& x = ts.front();
+  const bool flat = std::all_of(ts.begin(), ts.end(), plane_is_flat);
+  return flat ? Rows{1, x.size(2) * x.size(3)} : Rows{x.size(2), x.size(3)};
+}
+
+bool unit_stride(const std::vector<at::Tensor>& ts, int dim) {
+  return std::all_of(ts.begin(), ts.end(), [&](const at::Tensor& t) { return t.stride(dim) == 1; });
+}
+
+bool channel_major(const at::Tensor& x) { return x.stride(1) == 1 && x.size(1) > 1; }
+
+// kLanes values of Acc as one GCC/Clang vector, and integers of the same width (the mask of a
+// compare). The compiler lowers them to whatever SIMD the target has.
+template <typename Acc>
+struct Lanes;
+template <>
+struct Lanes<float> {
+  typedef float V __attribute__((vector_size(kLanes * sizeof(float))));
+  typedef int32_t I __attribute__((vector_size(kLanes * sizeof(int32_t))));
+};
+template <>
+struct Lanes<double> {
+  typedef double V __attribute__((vector_size(kLanes * sizeof(double))));
+  typedef int64_t I __attribute__((vector_size(kLanes * sizeof(int64_t))));
+};
+
+// kLanes elements at p, p + s, ...: one vector load when they are contiguous Acc values.
+template <typename Acc, bool Unit, typename T>
+typename Lanes<Acc>::V load_lanes(const T* p, int64_t s) {
+  typename Lanes<Acc>::V v;
+  if constexpr (Unit && std::is_same_v<T, Acc>) {
+    std::memcpy(&v, p, sizeof(v));
+  } else {
+    for (int l = 0; l < kLanes; ++l) v[l] = static_cast<Acc>(p[l * (Unit ? 1 : s)]);
+  }
+  return v;
+}
+
+template <typename Acc>
+typename Lanes<Acc>::I lane_iota() {
+  typename Lanes<Acc>::I iota;
+  for (int l = 0; l < kLanes; ++l) iota[l] = l;
+  return iota;
+}
+
+// Per-lane running max/min with first positions; each lane must see increasing positions.
+template <typename Acc>
+struct LaneExtremes {
+  using V = typename Lanes<Acc>::V;
+  using I = typename Lanes<Acc>::I;
+  V max, min;
+  I imax, imin, nan;
+
+  LaneExtremes() : imax{}, imin{}, nan{} {
+    for (int l = 0; l < kLanes; ++l) max[l] = -INFINITY, min[l] = INFINITY;
+  }
+
+  void add(V v, I pos) {
+    const I up = v > max, down = v < min;
+    max = up ? v : max;
+    imax = up ? pos : imax;
+    min = down ? v : min;
+    imin = down ? pos : imin;
+    nan |= v != v;
+  }
+
+  void add_one(int l, Acc v, int64_t pos) {
+    if (v > max[l]) max[l] = v, imax[l] = pos;
+    if (v < min[l]) min[l] = v, imin[l] = pos;
+    if (v != v) nan[l] = 1;
+  }
+
+  template <bool Unit, typename T>
+  void add_row(const T* y, int64_t stride, int64_t len, int64_t pos0) {
+    const int64_t s = Unit ? 1 : stride;
+    const I iota = lane_iota<Acc>();
+    int64_t i = 0;
+    for (; i + kLanes <= len; i += kLanes)
+      add(load_lanes<Acc, Unit>(y + i * s, s), iota + static_cast<Pos<Acc>>(pos0 + i));
+    for (; i < len; ++i) add_one(i % kLanes, static_cast<Acc>(y[i * s]), pos0 + i);
+  }
+
+  Extremes<Acc> lane(int l) const {
+    return {max[l], min[l], static_cast<int32_t>(imax[l]), static_cast<int32_t>(imin[l]),
+            static_cast<int32_t>(nan[l] != 0)};
+  }
+
+  Extremes<Acc> reduce() const {
+    Extremes<Acc> e = Extremes<Acc>::empty();
+    for (int l = 0; l < kLanes; ++l) e.merge(lane(l));
+    return e;
+  }
+};
+
+template <typename Acc>
+struct Params {
+  const Acc *w1, *b1, *w2, *b2, *p;
+  ChannelParams<Acc> channel(int64_t c) const { return load_params(w1, b1, w2, b2, p, c); }
+};
+
+// Stores a plane's stats and returns its gate.
+template <typename Acc>
+Acc finish_plane(const Extremes<Acc>& e, const Params<Acc>& prm, int64_t c, Acc* stats,
+                 int32_t* idx) {
+  const Acc M = e.nan ? Acc(NAN) : e.max, m = e.nan ? Acc(NAN) : e.min;
+  stats[0] = M, stats[1] = m;
+  idx[0] = e.imax, idx[1] = e.imin;
+  const Gate<Acc> t = plane_gate(M, m, prm.channel(c));
+  return t.s1 * t.s2;
+}
+
+// out = relu?(g * y + residual) over one row.
+template <bool Unit, bool HasRes, bool Relu, typename T, typename Acc>
+void write_out_row(const T* y, int64_t sy, const T* r, int64_t sr, T* o, int64_t so,
+                   int64_t len, Acc g) {
+  if (Unit) sy = sr = so = 1;
+  for (int64_t i = 0; i < len; ++i) {
+    Acc v = g * static_cast<Acc>(y[i * sy]);
+    if (HasRes) v += static_cast<Acc>(r[i * sr]);
+    if (Relu) v = v < 0 ? Acc(0) : v;  // keeps NaN, as torch.relu does
+    o[i * so] = static_cast<T>(v);
+  }
+}
+
+template <typename T, typename Acc, bool Unit, bool HasRes, bool Relu>
+void forward_plane_major(const at::Tensor& x_t, const at::Tensor& r_t, const at::Tensor& o_t,
+                         Acc* stats, int32_t* idx, const Params<Acc>& prm) {
+  const int64_t C = x_t.size(1), HW = x_t.size(2) * x_t.size(3);
+  const Rows walk = plane_rows({x_t, r_t, o_t});
+  const View<const T> x(x_t), r(r_t);
+  const View<T> o(o_t);
+  const int64_t grain = std::max<int64_t>(1, kTileElements / HW);
+  at::parallel_for(0, x_t.size(0) * C, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t nc = begin; nc < end; ++nc) {
+      const int64_t n = nc / C, c = nc % C;
+      const T *xp = x.plane(n, c), *rp = r.plane(n, c);
+      T* op = o.plane(n, c);
+      LaneExtremes<Acc> lanes;
+      for (int64_t row = 0; row < walk.rows; ++row)
+        lanes.template add_row<Unit>(xp + row * x.sh, x.sw, walk.len, row * walk.len);
+      const Acc g = finish_plane(lanes.reduce(), prm, c, stats + 2 * nc, idx + 2 * nc);
+      for (int64_t row = 0; row < walk.rows; ++row)
+        write_out_row<Unit, HasRes, Relu>(xp + row * x.sh, x.sw, rp + row * r.sh, r.sw,
+                                          op + row * o.sh, o.sw, walk.len, g);
+    }
+  });
+}
+
+// Channels per task in the channel-major walk: a tile of H*W*block elements.
+int64_t channel_block(int64_t C, int64_t HW) {
+  const int64_t block = std::clamp<int64_t>(kTileElements / HW / kLanes * kLanes, kLanes,
+                                            kMaxChannelBlock);
+  return std::min(C, block);
+}
+
+template <typename T, typename Acc, bool Unit, bool HasRes, bool Relu>
+void forward_channel_major(const at::Tensor& x_t, const at::Tensor& r_t, const at::Tensor& o_t,
+                           Acc* stats, int32_t* idx, const Params<Acc>& prm) {
+  const int64_t N = x_t.size(0), C = x_t.size(1), H = x_t.size(2), W = x_t.size(3);
+  const int64_t block = channel_block(C, H * W), blocks = (C + block - 1) / block;
+  const View<const T> x(x_t), r(r_t);
+  const View<T> o(o_t);
+  at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+    // Channel j of the block is lane j % kLanes of group j / kLanes.
+    LaneExtremes<Acc> groups[kMaxChannelBlock / kLanes];
+    Acc gate[kMaxChannelBlock];
+    const int64_t sxc = Unit ? 1 : x.sc, src = Unit ? 1 : r.sc, soc = Unit ? 1 : o.sc;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / blocks, c0 = task % blocks * block;
+      const int64_t cb = std::min(block, C - c0), full = cb / kLanes;
+      std::fill_n(groups, (cb + kLanes - 1) / kLanes, LaneExtremes<Acc>());
+      const T *xp = x.plane(n, c0), *rp = r.plane(n, c0);
+      T* op = o.plane(n, c0);
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t w = 0; w < W; ++w) {
+          const T* y = xp + h * x.sh + w * x.sw;
+          const Pos<Acc> pos = h * W + w;
+          const typename Lanes<Acc>::I positions = typename Lanes<Acc>::I{} + pos;
+          for (int64_t k = 0; k < full; ++k)
+            groups[k].add(load_lanes<Acc, Unit>(y + k * kLanes * sxc, sxc), positions);
+          for (int64_t j = full * kLanes; j < cb; ++j)
+            groups[full].add_one(j % kLanes, static_cast<Acc>(y[j * sxc]), pos);
+        }
+      for (int64_t j = 0; j < cb; ++j) {
+        const int64_t nc = n * C + c0 + j;
+        gate[j] = finish_plane(groups[j / kLanes].lane(j % kLanes), prm, c0 + j, stats + 2 * nc,
+                               idx + 2 * nc);
+      }
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t w = 0; w < W; ++w) {
+          const T* y = xp + h * x.sh + w * x.sw;
+          const T* res = rp + h * r.sh + w * r.sw;
+          T* out = op + h * o.sh + w * o.sw;
+          for (int64_t j = 0; j < cb; ++j) {
+            Acc v = gate[j] * static_cast<Acc>(y[j * sxc]);
+            if (HasRes) v += static_cast<Acc>(res[j * src]);
+            if (Relu) v = v < 0 ? Acc(0) : v;
+            out[j * soc] = static_cast<T>(v);
+          }
+        }
+    }
+  });
+}
+
+// --- backward ---
+
+// S += G * y over one row, in kLanes partial sums.
+template <bool Unit, bool Relu, typename T, typename Acc>
+void dot_row(const T* grad, int64_t sg, const T* out, int64_t so, const T* y, int64_t sy,
+             int64_t len, typename Lanes<Acc>::V& sums) {
+  using V = typename Lanes<Acc>::V;
+  if (Unit) sg = so = sy = 1;
+  const V zero = V{};
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes) {
+    V G = load_lanes<Acc, Unit>(grad + i * sg, sg);
+    if (Relu) G = load_lanes<Acc, Unit>(out + i * so, so) > zero ? G : zero;
+    sums += G * load_lanes<Acc, Unit>(y + i * sy, sy);
+  }
+  for (; i < len; ++i) {
+    const Acc G = static_cast<Acc>(grad[i * sg]);
+    const bool keep = !Relu || static_cast<Acc>(out[i * so]) > 0;
+    sums[i % kLanes] += keep ? G * static_cast<Acc>(y[i * sy]) : Acc(0);
+  }
+}
+
+// dx = G * g (the extremes are added afterwards), dres = G.
+template <bool Unit, bool Relu, bool WriteDres, typename T, typename Acc>
+void input_grad_row(const T* grad, int64_t sg, const T* out, int64_t so, T* dx, int64_t sd,
+                    T* dres, int64_t se, int64_t len, Acc g) {
+  if (Unit) sg = so = sd = se = 1;
+  for (int64_t i = 0; i < len; ++i) {
+    Acc G = static_cast<Acc>(grad[i * sg]);
+    if (Relu) G = static_cast<Acc>(out[i * so]) > 0 ? G : Acc(0);
+    dx[i * sd] = static_cast<T>(G * g);
+    if (WriteDres) dres[i * se] = static_cast<T>(G);
+  }
+}
+
+template <typename T>
+struct BackwardViews {
+  View<const T> grad, x, out;
+  View<T> dx, dres;
+};
+
+// Per plane: read stats, compute the gradients' coefficients once S is known, write partials,
+// and add dM, dm at the saved positions (recomputed there, in the same order as the kernels:
+// G g, + dM, + dm, rounded once).
+template <typename T, typename Acc, bool Relu>
+struct PlaneBackward {
+  const BackwardViews<T>& v;
+  const Acc* stats;
+  const int32_t* idx;
+  Acc* part;
+  Params<Acc> prm;
+  int64_t C, W;
+
+  PlaneGrads<Acc> grads(int64_t n, int64_t c, Acc S) const {
+    const int64_t nc = n * C + c;
+    const PlaneGrads<Acc> pg = plane_grads(S, stats[2 * nc], stats[2 * nc + 1], prm.channel(c));
+    std::copy(pg.part, pg.part + kPartials, part + kPartials * nc);
+    return pg;
+  }
+
+  void add_extremes(int64_t n, int64_t c, const PlaneGrads<Acc>& pg) const {
+    const int64_t nc = n * C + c;
+    const int32_t imax = idx[2 * nc], imin = idx[2 * nc + 1];
+    auto fix = [&](int32_t pos) {
+      Acc G = static_cast<Acc>(v.grad.at(n, c, pos, W));
+      if (Relu && !(static_cast<Acc>(v.out.at(n, c, pos, W)) > 0)) G = 0;
+      Acc d = G * pg.g;
+      if (pos == imax) d += pg.dM;
+      if (pos == imin) d += pg.dm;
+      v.dx.at(n, c, pos, W) = static_cast<T>(d);
+    };
+    fix(imax);
+    if (imin != imax) fix(imin);
+  }
+};
+
+template <typename Acc>
+Acc sum_lanes(const typename Lanes<Acc>::V& sums) {
+  Acc s = 0;
+  for (int l = 0; l < kLanes; ++l) s += sums[l];
+  return s;
+}
+
+template <typename T, typename Acc, bool Unit, bool Relu, bool WriteDres>
+void backward_plane_major(const BackwardViews<T>& v, const std::vector<at::Tensor>& ts,
+                          const PlaneBackward<T, Acc, Relu>& pb) {
+  const at::Tensor& x_t = ts[1];
+  const int64_t C = x_t.size(1), HW = x_t.size(2) * x_t.size(3);
+  const Rows walk = plane_rows(ts);
+  const int64_t grain = std::max<int64_t>(1, kTileElements / HW);
+  at::parallel_for(0, x_t.size(0) * C, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t nc = begin; nc < end; ++nc) {
+      const int64_t n = nc / C, c = nc % C;
+      const T *gp = v.grad.plane(n, c), *xp = v.x.plane(n, c), *op = v.out.plane(n, c);
+      T *dp = v.dx.plane(n, c), *ep = v.dres.plane(n, c);
+      typename Lanes<Acc>::V sums = {};
+      for (int64_t row = 0; row < walk.rows; ++row)
+        dot_row<Unit, Relu, T, Acc>(gp + row * v.grad.sh, v.grad.sw, op + row * v.out.sh, v.out.sw,
+                            xp + row * v.x.sh, v.x.sw, walk.len, sums);
+      const PlaneGrads<Acc> pg = pb.grads(n, c, sum_lanes<Acc>(sums));
+      for (int64_t row = 0; row < walk.rows; ++row)
+        input_grad_row<Unit, Relu, WriteDres>(
+            gp + row * v.grad.sh, v.grad.sw, op + row * v.out.sh, v.out.sw, dp + row * v.dx.sh,
+            v.dx.sw, ep + row * v.dres.sh, v.dres.sw, walk.len, pg.g);
+      pb.add_extremes(n, c, pg);
+    }
+  });
+}
+
+template <typename T, typename Acc, bool Unit, bool Relu, bool WriteDres>
+void backward_channel_major(const BackwardViews<T>& v, const std::vector<at::Tensor>& ts,
+                            const PlaneBackward<T, Acc, Relu>& pb) {
+  const at::Tensor& x_t = ts[1];
+  const int64_t N = x_t.size(0), C = x_t.size(1), H = x_t.size(2), W = x_t.size(3);
+  const int64_t block = channel_block(C, H * W), blocks = (C + block - 1) / block;
+  const int64_t sgc = Unit ? 1 : v.grad.sc, sxc = Unit ? 1 : v.x.sc, soc = Unit ? 1 : v.out.sc;
+  const int64_t sdc = Unit ? 1 : v.dx.sc, sec = Unit ? 1 : v.dres.sc;
+  at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+    Acc sums[kMaxChannelBlock], gate[kMaxChannelBlock];
+    PlaneGrads<Acc> grads[kMaxChannelBlock];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / blocks, c0 = task % blocks * block;
+      const int64_t cb = std::min(block, C - c0);
+      const T *gp = v.grad.plane(n, c0), *xp = v.x.plane(n, c0), *op = v.out.plane(n, c0);
+      T *dp = v.dx.plane(n, c0), *ep = v.dres.plane(n, c0);
+      std::fill_n(sums, cb, Acc(0));
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t w = 0; w < W; ++w) {
+          const T* g = gp + h * v.grad.sh + w * v.grad.sw;
+          const T* o = op + h * v.out.sh + w * v.out.sw;
+          const T* y = xp + h * v.x.sh + w * v.x.sw;
+          for (int64_t j = 0; j < cb; ++j) {
+            const Acc keep = !Relu || static_cast<Acc>(o[j * soc]) > 0 ? Acc(1) : Acc(0);
+            sums[j] += static_cast<Acc>(g[j * sgc]) * keep * static_cast<Acc>(y[j * sxc]);
+          }
+        }
+      for (int64_t j = 0; j < cb; ++j) {
+        grads[j] = pb.grads(n, c0 + j, sums[j]);
+        gate[j] = grads[j].g;
+      }
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t w = 0; w < W; ++w) {
+          const T* g = gp + h * v.grad.sh + w * v.grad.sw;
+          const T* o = op + h * v.out.sh + w * v.out.sw;
+          T* d = dp + h * v.dx.sh + w * v.dx.sw;
+          T* e = ep + h * v.dres.sh + w * v.dres.sw;
+          for (int64_t j = 0; j < cb; ++j) {
+            Acc G = static_cast<Acc>(g[j * sgc]);
+            if (Relu) G = static_cast<Acc>(o[j * soc]) > 0 ? G : Acc(0);
+            d[j * sdc] = static_cast<T>(G * gate[j]);
+            if (WriteDres) e[j * sec] = static_cast<T>(G);
+          }
+        }
+      for (int64_t j = 0; j < cb; ++j) pb.add_extremes(n, c0 + j, grads[j]);
+    }
+  });
+}
+
+// dparams[c] = sum over n of part[n, c], in order of n.
+template <typename Acc>
+void sum_partials_over_n(const Acc* part, Acc* dparams, int64_t N, int64_t C) {
+  std::fill_n(dparams, C * kPartials, Acc(0));
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < C * kPartials; ++k) dparams[k] += part[n * C * kPartials + k];
+}
+
+template <typename Acc>
+Params<Acc> params_of(const std::vector<at::Tensor>& p) {
+  return {p[0].data_ptr<Acc>(), p[1].data_ptr<Acc>(), p[2].data_ptr<Acc>(),
+          p[3].data_ptr<Acc>(), p[4].data_ptr<Acc>()};
+}
+
+ForwardResult spem_forward_cpu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                               const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& p,
+                               const std::optional<at::Tensor>& residual, bool relu) {
+  check_forward(x, w1, b1, w2, b2, p, residual);
+  auto [out, stats, idx] = allocate_forward(x);
+  if (out.numel() == 0) return {out, stats, idx};
+  const auto acc = compute_dtype(x.scalar_type());
+  const std::vector<at::Tensor> prm = {as_compute(w1, acc), as_compute(b1, acc),
+                                       as_compute(w2, acc), as_compute(b2, acc),
+                                       as_compute(p, acc)};
+  const bool has_res = residual.has_value();
+  const at::Tensor& res = has_res ? *residual : x;  // read only with a residual
+  const bool by_channel = channel_major(x);
+  const bool unit = unit_stride({x, res, out}, by_channel ? 1 : 3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spem_forward_cpu", [&] {
+    using T = scalar_t;
+    using Acc = at::opmath_type<T>;
+    Acc* s = stats.data_ptr<Acc>();
+    int32_t* i = idx.data_ptr<int32_t>();
+    with_bool(unit, [&](auto U) {
+      with_bool(has_res, [&](auto R) {
+        with_bool(relu, [&](auto L) {
+          if (by_channel)
+            forward_channel_major<T, Acc, U, R, L>(x, res, out, s, i, params_of<Acc>(prm));
+          else
+            forward_plane_major<T, Acc, U, R, L>(x, res, out, s, i, params_of<Acc>(prm));
+        });
+      });
+    });
+  });
+  return {out, stats, idx};
+}
+
+BackwardResult spem_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                 const at::Tensor& out, const at::Tensor& stats,
+                                 const at::Tensor& idx, const at::Tensor& w1,
+                                 const at::Tensor& b1, const at::Tensor& w2,
+                                 const at::Tensor& b2, const at::Tensor& p, bool relu,
+                                 bool write_dres) {
+  check_backward(grad, x, out, stats, idx, w1, b1, w2, b2, p);
+  auto [dx, dres, dparams] = allocate_backward(x, write_dres);
+  const int64_t N = x.size(0), C = x.size(1);
+  const auto acc = compute_dtype(x.scalar_type());
+  at::Tensor part = at::zeros({N, C, kPartials}, x.options().dtype(acc));
+  if (dx.numel() > 0) {
+    const std::vector<at::Tensor> prm = {as_compute(w1, acc), as_compute(b1, acc),
+                                         as_compute(w2, acc), as_compute(b2, acc),
+                                         as_compute(p, acc)};
+    const at::Tensor stats_c = stats.contiguous(), idx_c = idx.contiguous();
+    const at::Tensor& e = write_dres ? dres : dx;  // written only when write_dres
+    const std::vector<at::Tensor> ts = {grad, x, out, dx, e};
+    const bool by_channel = channel_major(x);
+    const bool unit = unit_stride(ts, by_channel ? 1 : 3);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spem_backward_cpu", [&] {
+      using T = scalar_t;
+      using Acc = at::opmath_type<T>;
+      const BackwardViews<T> v{grad, x, out, dx, e};
+      with_bool(relu, [&](auto L) {
+        const PlaneBackward<T, Acc, L> pb{v, stats_c.data_ptr<Acc>(), idx_c.data_ptr<int32_t>(),
+                                          part.data_ptr<Acc>(), params_of<Acc>(prm), C,
+                                          x.size(3)};
+        with_bool(unit, [&](auto U) {
+          with_bool(write_dres, [&](auto D) {
+            if (by_channel)
+              backward_channel_major<T, Acc, U, L, D>(v, ts, pb);
+            else
+              backward_plane_major<T, Acc, U, L, D>(v, ts, pb);
+          });
+        });
+      });
+    });
+  }
+  AT_DISPATCH_FLOATING_TYPES(acc, "spem_sum_partials", [&] {
+    sum_partials_over_n(part.data_ptr<scalar_t>(), dparams.data_ptr<scalar_t>(), N, C);
+  });
+  return {dx, dres, dparams};
+}
+
+}  // namespace
+}  // namespace spem_native
+
+TORCH_LIBRARY_IMPL(spem_native, CPU, m) {
+  m.impl("spem_forward", &spem_native::spem_forward_cpu);
+  m.impl("spem_backward", &spem_native::spem_backward_cpu);
+}

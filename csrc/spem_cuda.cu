@@ -1,0 +1,486 @@
+// CUDA kernels of the SPEM op (math: spem_math.h and SPEM.md). Includes no torch headers.
+//
+// One launch per direction, one of two kernels picked by x's layout; every tensor is
+// addressed through its own strides, so no input is copied:
+// - planes (NCHW and anything else): a group of 32..256 threads owns one plane (n, c),
+//   reduces it (warp shuffles, then shared memory across the group's warps) and writes it.
+// - channels (channels_last, x.stride(1) == 1): a block owns a tile of channels of one
+//   sample; lanes run along the contiguous channels, rows of threads along the positions.
+// Both use 16-byte loads and stores (VEC elements) when every tensor's layout and alignment
+// allow it, else one element at a time. Ties go to the first position (Extremes::merge is
+// order-free); sums reduce in a fixed order. The backward's per-(n, c) partials are summed
+// over n, in order of n, by the last block to finish (an integer counter, no float atomics).
+#include "spem_cuda.h"
+
+#include <initializer_list>
+#include <utility>
+
+#include "spem_math.h"
+
+namespace spem_native {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+struct Round;  // the compute value rounded once to the storage type
+template <>
+struct Round<float> { static __device__ __forceinline__ float from(float v) { return v; } };
+template <>
+struct Round<double> { static __device__ __forceinline__ double from(double v) { return v; } };
+template <>
+struct Round<__half> {
+  static __device__ __forceinline__ __half from(float v) { return __float2half_rn(v); }
+};
+template <>
+struct Round<__nv_bfloat16> {
+  static __device__ __forceinline__ __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
+};
+
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+// Offset of row-major position p in a plane; flat planes (h stride = W * w stride) skip the
+// division.
+__device__ __forceinline__ int64_t pos_offset(const Strides& s, int32_t p, int32_t W, bool flat) {
+  if (flat) return p * s.w;
+  const int32_t h = p / W;
+  return h * s.h + (p - h * W) * s.w;
+}
+
+__device__ __forceinline__ int64_t offset(const Strides& s, int64_t n, int64_t c, int32_t p,
+                                          int32_t W, bool flat) {
+  return n * s.n + c * s.c + pos_offset(s, p, W, flat);
+}
+
+// VEC consecutive elements at q (one 16-byte access when VEC > 1).
+template <int VEC, typename T, typename Acc>
+__device__ __forceinline__ void load(const T* q, Acc (&v)[VEC]) {
+  const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(q);
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) v[j] = to_acc(pk.v[j]);
+}
+
+template <int VEC, typename T, typename Acc>
+__device__ __forceinline__ void store(T* q, const Acc (&v)[VEC]) {
+  Pack<T, VEC> pk;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) pk.v[j] = Round<T>::from(v[j]);
+  *reinterpret_cast<Pack<T, VEC>*>(q) = pk;
+}
+
+template <typename Acc>
+__device__ __forceinline__ Extremes<Acc> shfl_xor(const Extremes<Acc>& e, int lane_mask) {
+  return {__shfl_xor_sync(0xffffffffu, e.max, lane_mask),
+          __shfl_xor_sync(0xffffffffu, e.min, lane_mask),
+          __shfl_xor_sync(0xffffffffu, e.imax, lane_mask),
+          __shfl_xor_sync(0xffffffffu, e.imin, lane_mask),
+          __shfl_xor_sync(0xffffffffu, e.nan, lane_mask)};
+}
+
+__device__ __forceinline__ float shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
+__device__ __forceinline__ double shfl_xor(double v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
+
+__device__ __forceinline__ void combine(float& a, float b) { a += b; }
+__device__ __forceinline__ void combine(double& a, double b) { a += b; }
+template <typename Acc>
+__device__ __forceinline__ void combine(Extremes<Acc>& a, const Extremes<Acc>& b) { a.merge(b); }
+
+// Reduces v over the group of `group` threads (a multiple of 32) that owns a plane; every
+// thread of the group gets the result. Fixed order: warp butterfly, then warps in order.
+template <typename V>
+__device__ V group_reduce(V v, int group) {
+  __shared__ V warp_value[kWarps];
+#pragma unroll
+  for (int m = 16; m > 0; m /= 2) combine(v, shfl_xor(v, m));
+  if (group == 32) return v;
+  const int warp = threadIdx.x / 32, warps = group / 32, first = warp / warps * warps;
+  if (threadIdx.x % 32 == 0) warp_value[warp] = v;
+  __syncthreads();
+  v = warp_value[first];
+  for (int k = 1; k < warps; ++k) combine(v, warp_value[first + k]);
+  return v;
+}
+
+// Reduces v over the rows of a channel tile: lanes with the same threadIdx.x % LC hold the
+// same channels. Returns, for thread t < LC * VEC, channel t's value (others: undefined).
+template <int LC, int VEC, typename V>
+__device__ V tile_reduce(V (&v)[VEC], V* shared /* [kWarps][LC * VEC] */) {
+#pragma unroll
+  for (int j = 0; j < VEC; ++j)
+#pragma unroll
+    for (int m = 16; m >= LC; m /= 2) combine(v[j], shfl_xor(v[j], m));
+  const int warp = threadIdx.x / 32, lc = threadIdx.x % LC;
+  if (threadIdx.x % 32 < LC)
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) shared[warp * LC * VEC + lc * VEC + j] = v[j];
+  __syncthreads();
+  V r = shared[threadIdx.x % (LC * VEC)];
+  if (threadIdx.x < LC * VEC)
+    for (int w = 1; w < kWarps; ++w) combine(r, shared[w * LC * VEC + threadIdx.x]);
+  return r;
+}
+
+template <typename Acc>
+__device__ Acc finish_plane(const Extremes<Acc>& e, const Acc* const prm[5], int64_t n,
+                            int64_t c, int64_t C, Acc* stats, int32_t* idx, bool write) {
+  const Acc M = e.nan ? Acc(NAN) : e.max, m = e.nan ? Acc(NAN) : e.min;
+  if (write) {
+    const int64_t nc = n * C + c;
+    stats[2 * nc] = M, stats[2 * nc + 1] = m;
+    idx[2 * nc] = e.imax, idx[2 * nc + 1] = e.imin;
+  }
+  const Gate<Acc> t = plane_gate(M, m, load_params(prm[0], prm[1], prm[2], prm[3], prm[4], c));
+  return t.s1 * t.s2;
+}
+
+// out = relu?(g y + residual) for VEC elements.
+template <int VEC, typename T, typename Acc>
+__device__ __forceinline__ void write_out(const ForwardArgs<T, Acc>& a, const Acc (&y)[VEC],
+                                          const Acc (&g)[VEC], int64_t ro, int64_t oo) {
+  Acc o[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) o[j] = g[j] * y[j];
+  if (a.residual != nullptr) {
+    Acc r[VEC];
+    load<VEC>(a.residual + ro, r);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) o[j] += r[j];
+  }
+  if (a.relu)
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) o[j] = o[j] < Acc(0) ? Acc(0) : o[j];  // keeps NaN
+  store<VEC>(a.out + oo, o);
+}
+
+template <typename T, typename Acc, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    forward_planes(const ForwardArgs<T, Acc> a, int group, bool flat) {
+  const int lane = threadIdx.x % group;
+  const int64_t plane = int64_t(blockIdx.x) * (kThreads / group) + threadIdx.x / group;
+  const bool active = plane < a.N * a.C;
+  const int64_t n = active ? plane / a.C : 0, c = active ? plane % a.C : 0;
+  const int32_t W = a.W, HW = a.H * a.W, step = group * VEC;
+  Extremes<Acc> e = Extremes<Acc>::empty();
+  if (active)
+    for (int32_t p = lane * VEC; p < HW; p += step) {
+      Acc y[VEC];
+      load<VEC>(a.x + offset(a.sx, n, c, p, W, flat), y);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) e.add(y[j], p + j);
+    }
+  e = group_reduce(e, group);
+  const Acc* const prm[5] = {a.w1, a.b1, a.w2, a.b2, a.p};
+  if (!active) return;  // no barrier follows
+  const Acc gate = finish_plane(e, prm, n, c, a.C, a.stats, a.idx, lane == 0);
+  Acc g[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) g[j] = gate;
+  for (int32_t p = lane * VEC; p < HW; p += step) {
+    Acc y[VEC];
+    load<VEC>(a.x + offset(a.sx, n, c, p, W, flat), y);
+    write_out<VEC>(a, y, g, offset(a.sr, n, c, p, W, flat), offset(a.so, n, c, p, W, flat));
+  }
+}
+
+template <typename T, typename Acc, int VEC, int LC>
+__global__ void __launch_bounds__(kThreads)
+    forward_channels(const ForwardArgs<T, Acc> a, bool flat) {
+  constexpr int kTile = LC * VEC, kRows = kThreads / LC;
+  __shared__ Extremes<Acc> partial[kWarps * kTile];
+  __shared__ Acc gate[kTile];
+  const int64_t tiles = (a.C + kTile - 1) / kTile;
+  const int64_t n = blockIdx.x / tiles, c0 = blockIdx.x % tiles * kTile;
+  const int lc = threadIdx.x % LC, row = threadIdx.x / LC;
+  const int64_t c = c0 + lc * VEC;  // VEC > 1 needs C % VEC == 0: all or none are in range
+  const int32_t W = a.W, HW = a.H * a.W;
+  Extremes<Acc> e[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) e[j] = Extremes<Acc>::empty();
+  if (c < a.C)
+    for (int32_t p = row; p < HW; p += kRows) {
+      Acc y[VEC];
+      load<VEC>(a.x + offset(a.sx, n, c, p, W, flat), y);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) e[j].add(y[j], p);
+    }
+  const Extremes<Acc> mine = tile_reduce<LC, VEC>(e, partial);
+  const Acc* const prm[5] = {a.w1, a.b1, a.w2, a.b2, a.p};
+  if (threadIdx.x < kTile && c0 + threadIdx.x < a.C)
+    gate[threadIdx.x] =
+        finish_plane(mine, prm, n, c0 + threadIdx.x, a.C, a.stats, a.idx, true);
+  __syncthreads();
+  if (c >= a.C) return;
+  Acc g[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) g[j] = gate[lc * VEC + j];
+  for (int32_t p = row; p < HW; p += kRows) {
+    Acc y[VEC];
+    load<VEC>(a.x + offset(a.sx, n, c, p, W, flat), y);
+    write_out<VEC>(a, y, g, offset(a.sr, n, c, p, W, flat), offset(a.so, n, c, p, W, flat));
+  }
+}
+
+// --- backward ---
+
+// G = dL/dout for VEC elements, zeroed where the ReLU was off (out <= 0).
+template <int VEC, typename T, typename Acc>
+__device__ __forceinline__ void masked_grad(const BackwardArgs<T, Acc>& a, int64_t go,
+                                            int64_t oo, Acc (&G)[VEC]) {
+  load<VEC>(a.grad + go, G);
+  if (a.relu) {
+    Acc o[VEC];
+    load<VEC>(a.out + oo, o);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) G[j] = o[j] > Acc(0) ? G[j] : Acc(0);
+  }
+}
+
+// The last block to finish sums the partials over n, in order of n.
+template <typename T, typename Acc>
+__device__ void sum_partials_if_last(const BackwardArgs<T, Acc>& a) {
+  __shared__ bool last;
+  __threadfence();  // this block's partials are visible before it counts as done
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(a.blocks_done, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int64_t k = threadIdx.x; k < a.C * kPartials; k += blockDim.x) {
+    Acc s = 0;
+    for (int64_t n = 0; n < a.N; ++n) s += __ldcg(a.partials + n * a.C * kPartials + k);
+    a.dparams[k] = s;
+  }
+}
+
+template <typename T, typename Acc>
+__device__ PlaneGrads<Acc> plane_backward(const BackwardArgs<T, Acc>& a, int64_t n, int64_t c,
+                                          Acc S, bool write_partials) {
+  const int64_t nc = n * a.C + c;
+  const PlaneGrads<Acc> pg = plane_grads(S, a.stats[2 * nc], a.stats[2 * nc + 1],
+                                         load_params(a.w1, a.b1, a.w2, a.b2, a.p, c));
+  if (write_partials)
+#pragma unroll
+    for (int k = 0; k < kPartials; ++k) a.partials[nc * kPartials + k] = pg.part[k];
+  return pg;
+}
+
+// dx = G g, plus dM at the max's position and dm at the min's; dres = G.
+template <int VEC, typename T, typename Acc>
+__device__ __forceinline__ void write_input_grads(const BackwardArgs<T, Acc>& a,
+                                                  const Acc (&G)[VEC], const Acc (&g)[VEC],
+                                                  const Acc (&dM)[VEC], const Acc (&dm)[VEC],
+                                                  const int32_t (&imax)[VEC],
+                                                  const int32_t (&imin)[VEC],
+                                                  const int32_t (&pos)[VEC], int64_t dof,
+                                                  int64_t eof) {
+  Acc d[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    d[j] = G[j] * g[j];
+    if (pos[j] == imax[j]) d[j] += dM[j];
+    if (pos[j] == imin[j]) d[j] += dm[j];
+  }
+  store<VEC>(a.dx + dof, d);
+  if (a.dres != nullptr) store<VEC>(a.dres + eof, G);
+}
+
+template <typename T, typename Acc, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    backward_planes(const BackwardArgs<T, Acc> a, int group, bool flat) {
+  const int lane = threadIdx.x % group;
+  const int64_t plane = int64_t(blockIdx.x) * (kThreads / group) + threadIdx.x / group;
+  const bool active = plane < a.N * a.C;
+  const int64_t n = active ? plane / a.C : 0, c = active ? plane % a.C : 0;
+  const int32_t W = a.W, HW = a.H * a.W, step = group * VEC;
+  Acc S = 0;
+  if (active)
+    for (int32_t p = lane * VEC; p < HW; p += step) {
+      Acc G[VEC], y[VEC];
+      masked_grad<VEC>(a, offset(a.sg, n, c, p, W, flat), offset(a.so, n, c, p, W, flat), G);
+      load<VEC>(a.x + offset(a.sx, n, c, p, W, flat), y);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) S += G[j] * y[j];
+    }
+  S = group_reduce(S, group);
+  if (active) {
+    const PlaneGrads<Acc> pg = plane_backward(a, n, c, S, lane == 0);
+    Acc g[VEC], dM[VEC], dm[VEC];
+    int32_t imax[VEC], imin[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      g[j] = pg.g, dM[j] = pg.dM, dm[j] = pg.dm;
+      imax[j] = a.idx[2 * (n * a.C + c)], imin[j] = a.idx[2 * (n * a.C + c) + 1];
+    }
+    for (int32_t p = lane * VEC; p < HW; p += step) {
+      Acc G[VEC];
+      int32_t pos[VEC];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) pos[j] = p + j;
+      masked_grad<VEC>(a, offset(a.sg, n, c, p, W, flat), offset(a.so, n, c, p, W, flat), G);
+      write_input_grads<VEC>(a, G, g, dM, dm, imax, imin, pos, offset(a.sd, n, c, p, W, flat),
+                             offset(a.se, n, c, p, W, flat));
+    }
+  }
+  sum_partials_if_last(a);
+}
+
+template <typename T, typename Acc, int VEC, int LC>
+__global__ void __launch_bounds__(kThreads)
+    backward_channels(const BackwardArgs<T, Acc> a, bool flat) {
+  constexpr int kTile = LC * VEC, kRows = kThreads / LC;
+  __shared__ Acc partial[kWarps * kTile];
+  __shared__ Acc gate[kTile], dmax[kTile], dmin[kTile];
+  __shared__ int32_t pmax[kTile], pmin[kTile];
+  const int64_t tiles = (a.C + kTile - 1) / kTile;
+  const int64_t n = blockIdx.x / tiles, c0 = blockIdx.x % tiles * kTile;
+  const int lc = threadIdx.x % LC, row = threadIdx.x / LC;
+  const int64_t c = c0 + lc * VEC;
+  const int32_t W = a.W, HW = a.H * a.W;
+  Acc S[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) S[j] = 0;
+  if (c < a.C)
+    for (int32_t p = row; p < HW; p += kRows) {
+      Acc G[VEC], y[VEC];
+      masked_grad<VEC>(a, offset(a.sg, n, c, p, W, flat), offset(a.so, n, c, p, W, flat), G);
+      load<VEC>(a.x + offset(a.sx, n, c, p, W, flat), y);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) S[j] += G[j] * y[j];
+    }
+  const Acc mine = tile_reduce<LC, VEC>(S, partial);
+  const int64_t ct = c0 + threadIdx.x;
+  if (threadIdx.x < kTile && ct < a.C) {
+    const PlaneGrads<Acc> pg = plane_backward(a, n, ct, mine, true);
+    gate[threadIdx.x] = pg.g, dmax[threadIdx.x] = pg.dM, dmin[threadIdx.x] = pg.dm;
+    pmax[threadIdx.x] = a.idx[2 * (n * a.C + ct)];
+    pmin[threadIdx.x] = a.idx[2 * (n * a.C + ct) + 1];
+  }
+  __syncthreads();
+  if (c < a.C) {
+    Acc g[VEC], dM[VEC], dm[VEC];
+    int32_t imax[VEC], imin[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const int t = lc * VEC + j;
+      g[j] = gate[t], dM[j] = dmax[t], dm[j] = dmin[t], imax[j] = pmax[t], imin[j] = pmin[t];
+    }
+    for (int32_t p = row; p < HW; p += kRows) {
+      Acc G[VEC];
+      int32_t pos[VEC];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) pos[j] = p;
+      masked_grad<VEC>(a, offset(a.sg, n, c, p, W, flat), offset(a.so, n, c, p, W, flat), G);
+      write_input_grads<VEC>(a, G, g, dM, dm, imax, imin, pos, offset(a.sd, n, c, p, W, flat),
+                             offset(a.se, n, c, p, W, flat));
+    }
+  }
+  sum_partials_if_last(a);
+}
+
+// --- launch configuration ---
+
+bool is_flat(const Strides& s, int64_t H, int64_t W) { return H == 1 || s.h == W * s.w; }
+
+// Whether VEC consecutive elements along `inner` (the w or c stride, which must be 1) start
+// 16-byte aligned at every position each kernel visits.
+bool vectorizable(const void* data, const Strides& s, int64_t inner_stride,
+                  std::initializer_list<int64_t> outer, int vec) {
+  if (data == nullptr) return true;
+  if (inner_stride != 1 || reinterpret_cast<uintptr_t>(data) % 16 != 0) return false;
+  for (int64_t o : outer)
+    if (o % vec != 0) return false;
+  return true;
+}
+
+struct Layout {
+  bool by_channel, flat, vec;
+};
+
+// Planes: positions contiguous (flat planes, w stride 1) and H*W a multiple of VEC.
+// Channels: channels contiguous (c stride 1) and C a multiple of VEC.
+template <typename T>
+Layout choose_layout(std::initializer_list<std::pair<const void*, Strides>> tensors,
+                     int64_t C, int64_t H, int64_t W, bool x_by_channel) {
+  constexpr int vec = 16 / sizeof(T);
+  Layout l{x_by_channel, true, true};
+  for (const auto& [data, s] : tensors) {
+    if (data == nullptr) continue;
+    l.flat = l.flat && is_flat(s, H, W);
+    l.vec = l.vec && (x_by_channel ? vectorizable(data, s, s.c, {s.n, s.h, s.w}, vec)
+                                   : vectorizable(data, s, s.w, {s.n, s.c}, vec));
+  }
+  l.vec = l.vec && (x_by_channel ? C % vec == 0 : l.flat && (H * W) % vec == 0);
+  return l;
+}
+
+// Threads per plane: about four VEC-loads each, 32..kThreads.
+int plane_group(int64_t HW, int vec) {
+  int group = 32;
+  while (group < kThreads && int64_t(group) * vec * 4 < HW) group *= 2;
+  return group;
+}
+
+template <typename Args, typename PlanesKernel, typename ChannelsKernel>
+cudaError_t launch(const Args& a, const Layout& l, int vec, PlanesKernel planes,
+                   ChannelsKernel channels, int lanes, cudaStream_t stream) {
+  if (l.by_channel) {
+    const int64_t tile = int64_t(lanes) * vec;
+    channels<<<a.N * ((a.C + tile - 1) / tile), kThreads, 0, stream>>>(a, l.flat);
+  } else {
+    const int group = plane_group(a.H * a.W, vec);
+    const int64_t planes_per_block = kThreads / group;
+    planes<<<(a.N * a.C + planes_per_block - 1) / planes_per_block, kThreads, 0, stream>>>(
+        a, group, l.flat);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+template <typename T, typename Acc>
+cudaError_t launch_spem_forward(const ForwardArgs<T, Acc>& a, cudaStream_t stream) {
+  if (a.N * a.C * a.H * a.W == 0) return cudaSuccess;
+  constexpr int kVec = 16 / sizeof(T);
+  const Layout l = choose_layout<T>({{a.x, a.sx}, {a.residual, a.sr}, {a.out, a.so}}, a.C, a.H,
+                                    a.W, a.sx.c == 1 && a.C > 1);
+  if (l.vec)
+    return launch(a, l, kVec, forward_planes<T, Acc, kVec>, forward_channels<T, Acc, kVec, 8>, 8,
+                  stream);
+  return launch(a, l, 1, forward_planes<T, Acc, 1>, forward_channels<T, Acc, 1, 32>, 32, stream);
+}
+
+template <typename T, typename Acc>
+cudaError_t launch_spem_backward(const BackwardArgs<T, Acc>& a, cudaStream_t stream) {
+  if (a.N * a.C * a.H * a.W == 0) return cudaSuccess;
+  const cudaError_t err = cudaMemsetAsync(a.blocks_done, 0, sizeof(unsigned int), stream);
+  if (err != cudaSuccess) return err;
+  constexpr int kVec = 16 / sizeof(T);
+  const Layout l = choose_layout<T>({{a.grad, a.sg}, {a.x, a.sx}, {a.relu ? a.out : nullptr, a.so},
+                                     {a.dx, a.sd}, {a.dres, a.se}},
+                                    a.C, a.H, a.W, a.sx.c == 1 && a.C > 1);
+  if (l.vec)
+    return launch(a, l, kVec, backward_planes<T, Acc, kVec>, backward_channels<T, Acc, kVec, 8>,
+                  8, stream);
+  return launch(a, l, 1, backward_planes<T, Acc, 1>, backward_channels<T, Acc, 1, 32>, 32,
+                stream);
+}
+
+#define SPEM_INSTANTIATE(T, Acc)                                                              \
+  template cudaError_t launch_spem_forward<T, Acc>(const ForwardArgs<T, Acc>&, cudaStream_t); \
+  template cudaError_t launch_spem_backward<T, Acc>(const BackwardArgs<T, Acc>&, cudaStream_t);
+SPEM_INSTANTIATE(float, float)
+SPEM_INSTANTIATE(__half, float)
+SPEM_INSTANTIATE(__nv_bfloat16, float)
+SPEM_INSTANTIATE(double, double)
+#undef SPEM_INSTANTIATE
+
+}  // namespace spem_native

@@ -1,0 +1,108 @@
+// Per-plane SPEM math shared by the CPU and CUDA kernels (SPEM.md). Includes no torch, so nvcc
+// can compile the device code on any machine.
+//
+// Forward, per plane y = x[n, c]:
+//   M = max(y), m = min(y)                     first row-major position on ties
+//   A = w2 M + b2, B = w2 m + b2, q_i = p_i^2 / (p0^2 + p1^2), Z = w1 (q0 A + q1 B) + b1
+//   g = sigmoid(A + B) sigmoid(Z)
+// Backward, with S = sum(G y) over the plane, s1 = sigmoid(A + B), s2 = sigmoid(Z):
+//   dZ = S s1 s2 (1 - s2), dU = S s1 s2 (1 - s1), dA = dU + dZ w1 q0, dB = dU + dZ w1 q1
+//   dy = G g, plus dM = dA w2 at argmax and dm = dB w2 at argmin
+//   per-(n, c) partials [dZ (q0 A + q1 B), dZ, dA M + dB m, dA + dB, dZ w1 w2 (M - m)]: the
+//   last is dq0 - dq1 = dZ w1 (A - B), all that p's gradient needs, computed without the
+//   cancellation of subtracting two large sums
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#ifdef __CUDACC__
+#define SPEM_HD __host__ __device__ __forceinline__
+#else
+#define SPEM_HD inline
+#endif
+
+namespace spem_native {
+
+constexpr int kPartials = 5;  // columns of dparams: dw1, db1, dw2, db2, dq0 - dq1
+
+SPEM_HD float spem_exp(float v) { return expf(v); }
+SPEM_HD double spem_exp(double v) { return exp(v); }
+
+template <typename Acc>
+SPEM_HD Acc sigmoid(Acc v) {
+  return Acc(1) / (Acc(1) + spem_exp(-v));
+}
+
+// One channel's parameters in the compute dtype; q0, q1 come from the shared pair p.
+template <typename Acc>
+struct ChannelParams {
+  Acc w1, b1, w2, b2, q0, q1;
+};
+
+template <typename Acc>
+SPEM_HD ChannelParams<Acc> load_params(const Acc* w1, const Acc* b1, const Acc* w2,
+                                       const Acc* b2, const Acc* p, int64_t c) {
+  const Acc p0 = p[0] * p[0], p1 = p[1] * p[1];
+  const Acc P = p0 + p1;
+  return {w1[c], b1[c], w2[c], b2[c], p0 / P, p1 / P};
+}
+
+template <typename Acc>
+struct Gate {
+  Acc A, B, s1, s2;  // s1 = sigmoid(A + B), s2 = sigmoid(Z); the gate is s1 * s2
+};
+
+template <typename Acc>
+SPEM_HD Gate<Acc> plane_gate(Acc M, Acc m, const ChannelParams<Acc>& c) {
+  const Acc A = c.w2 * M + c.b2;
+  const Acc B = c.w2 * m + c.b2;
+  const Acc Z = c.w1 * (c.q0 * A + c.q1 * B) + c.b1;
+  return {A, B, sigmoid(A + B), sigmoid(Z)};
+}
+
+// What the backward pass needs per plane once S is known.
+template <typename Acc>
+struct PlaneGrads {
+  Acc g, dM, dm;
+  Acc part[kPartials];
+};
+
+template <typename Acc>
+SPEM_HD PlaneGrads<Acc> plane_grads(Acc S, Acc M, Acc m, const ChannelParams<Acc>& c) {
+  const Gate<Acc> t = plane_gate(M, m, c);
+  const Acc dZ = S * t.s1 * t.s2 * (Acc(1) - t.s2);
+  const Acc dU = S * t.s2 * t.s1 * (Acc(1) - t.s1);
+  const Acc dA = dU + dZ * c.w1 * c.q0;
+  const Acc dB = dU + dZ * c.w1 * c.q1;
+  return {t.s1 * t.s2, dA * c.w2, dB * c.w2,
+          {dZ * (c.q0 * t.A + c.q1 * t.B), dZ, dA * M + dB * m, dA + dB,
+           dZ * c.w1 * c.w2 * (M - m)}};
+}
+
+// Running max and min of part of a plane with their positions, ignoring NaN (counted apart).
+template <typename Acc>
+struct Extremes {
+  Acc max, min;
+  int32_t imax, imin;
+  int32_t nan;  // nonzero when the part holds a NaN: the plane's stats become NaN
+
+  // Position 0 is right when nothing beats -inf / +inf: then every non-NaN element equals it.
+  SPEM_HD static Extremes empty() { return {-INFINITY, INFINITY, 0, 0, 0}; }
+
+  // Elements must come in increasing position: strict comparisons keep the first one.
+  SPEM_HD void add(Acc v, int32_t pos) {
+    if (v > max) max = v, imax = pos;
+    if (v < min) min = v, imin = pos;
+    nan |= v != v;
+  }
+
+  // Any order of merging gives the same result: ties go to the smaller position.
+  SPEM_HD void merge(const Extremes& o) {
+    if (o.max > max || (o.max == max && o.imax < imax)) max = o.max, imax = o.imax;
+    if (o.min < min || (o.min == min && o.imin < imin)) min = o.min, imin = o.imin;
+    nan |= o.nan;
+  }
+};
+
+}  // namespace spem_native
