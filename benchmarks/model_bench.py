@@ -6,7 +6,6 @@ line on stdout) so that one variant's freed memory cannot hide the next one's pe
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -20,9 +19,14 @@ VARIANTS = (("plain", "none", "auto"), ("eager SPEM", "spem", "eager"),
 ALPHA = 0.1  # weight of the SPEM regulariser in the loss (SPEM.md)
 
 
-def _rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _proc_status_bytes(field):
+    """VmRSS (resident now) or VmHWM (its peak) of this process, from /proc/self/status.
+
+    Not getrusage's ru_maxrss: after fork + exec that starts at the parent's RSS.
+    """
+    with open("/proc/self/status") as f:
+        kib = next(line.split()[1] for line in f if line.startswith(field + ":"))
+    return int(kib) * 1024
 
 
 def train_rate(attention, backend, device, batch, steps, warmup):
@@ -46,7 +50,7 @@ def train_rate(attention, backend, device, batch, steps, warmup):
         opt.step()
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    rss_before = _rss_bytes()
+    rss_before = _proc_status_bytes("VmRSS")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(warmup):
@@ -59,9 +63,9 @@ def train_rate(attention, backend, device, batch, steps, warmup):
     elapsed = time.perf_counter() - start
     if device.type == "cuda":
         peak, method = torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
-    else:  # ru_maxrss is in KiB on Linux; the peak includes the warm-up steps
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
-        method = "peak RSS growth, ru_maxrss - RSS before the first step"
+    else:  # the peak includes the warm-up steps
+        peak = _proc_status_bytes("VmHWM") - rss_before
+        method = "peak RSS growth, VmHWM - VmRSS before the first step"
     return {"steps_per_s": steps / elapsed, "step_ms": elapsed / steps * 1e3,
             "peak_mem_mb": peak / 2**20, "memory_method": method}
 
@@ -83,8 +87,8 @@ def run_variant(attention, backend, device, batch, steps, warmup, timeout_s=1800
     if "error" in peak:
         return peak
     return dict(timed, peak_mem_mb=peak["peak_mem_mb"],
-                memory_method="peak RSS growth during one step, ru_maxrss - RSS before it, "
-                              "MALLOC_MMAP_THRESHOLD_=65536")
+                memory_method="peak RSS growth during one step (VmHWM - VmRSS before it) in "
+                              "a fresh process with MALLOC_MMAP_THRESHOLD_=65536")
 
 
 def _run(args, extra_env, timeout_s):
