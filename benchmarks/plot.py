@@ -1,5 +1,7 @@
 """The report's PNG: achieved GB/s per implementation for each stage shape and direction,
 against the measured copy bandwidth, and the model-level bars."""
+import textwrap
+
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers
@@ -34,7 +36,7 @@ def _op_axes(ax, rows, impls, groups, copy_gbps):
     ax.set_ylabel("GB/s (bytes that must move / median time)", fontsize=8)
 
 
-def _model_axes(ax_rate, ax_mem, models):
+def _model_axes(ax_rate, ax_mem, models, min_ratio):
     ok = [r for r in models if not r["error"]]
     labels = [r["label"] + (f"\n({r['resolved_backend']})" if r.get("resolved_backend") else "")
               for r in ok]
@@ -49,6 +51,27 @@ def _model_axes(ax_rate, ax_mem, models):
         ax.set_xticklabels(labels, fontsize=8)
         ax.set_title(f"ResNet-164, batch {models[0]['batch']}: {title}", fontsize=9)
         ax.set_ylim(0, max(values, default=1) * 1.2)
+    if ok and ok[0]["label"] == "plain":
+        ax_rate.axhline(ok[0]["steps_per_s"] * min_ratio, color="k", ls="--", lw=1)
+        ax_rate.text(-0.45, ok[0]["steps_per_s"] * min_ratio, f"target: {min_ratio:.0%} of plain",
+                     ha="left", va="bottom", fontsize=8, backgroundcolor="white")
+
+
+def _notes(ax, result):
+    """What the panels show, how the machine was, and the target verdicts."""
+    meta, s = result["meta"], result["summary"]
+    memory = next((r["memory_method"] for r in result["model"] if r.get("memory_method")), "")
+    lines = [f"targets: {s['passed']}/{s['checked']} PASS"
+             + (" (op targets apply on GPU only)" if meta["device_type"] != "cuda" else "")]
+    lines += [f"MISS {m}" for m in s["misses"][:8]]
+    lines += ["", "bars: GB/s = bytes that must move / median time",
+              "labels: median time per call; dashed: measured copy",
+              "bandwidth (read + write of a large tensor)",
+              f"load average: {meta['load_avg_start'][0]:.2f} at start, "
+              f"{meta['load_avg_end'][0]:.2f} at end"]
+    lines += textwrap.wrap(f"memory: {memory}", 52)
+    ax.axis("off")
+    ax.text(0, 1, "\n".join(lines), va="top", fontsize=9, family="monospace")
 
 
 def write(result, path):
@@ -71,12 +94,8 @@ def write(result, path):
     axes[0][0].legend(fontsize=8, loc="upper left", ncol=2)
     if models:
         bottom = axes[-1]
-        _model_axes(bottom[0], bottom[1], models)
-        s = result["summary"]
-        text = [f"targets: {s['passed']}/{s['checked']} PASS"] + [f"MISS {m}" for m in s["misses"]]
-        bottom[2].axis("off")
-        bottom[2].text(0, 1, "\n".join(text[:12]), va="top", fontsize=8, family="monospace",
-                       wrap=True)
+        _model_axes(bottom[0], bottom[1], models, result["targets"]["min_model_vs_plain"])
+        _notes(bottom[2], result)
         for ax in bottom[3:]:
             ax.axis("off")
     fig.suptitle(f"SPEM block tail relu(g*x + residual) on {meta['device']}: torch {meta['torch']}, "

@@ -52,8 +52,8 @@ def parse_args(argv):
                     help="input sets per case (default: enough to span 256 MiB, 2 to 8)")
     ap.add_argument("--min-time", type=float, default=0.5, help="seconds timed per figure")
     ap.add_argument("--model-batch", type=int, default=128 if cuda else 16)
-    ap.add_argument("--model-steps", type=int, default=30 if cuda else 4)
-    ap.add_argument("--model-warmup", type=int, default=5 if cuda else 1)
+    ap.add_argument("--model-steps", type=int, default=30 if cuda else 10)
+    ap.add_argument("--model-warmup", type=int, default=5 if cuda else 2)
     ap.add_argument("--no-model", action="store_true", help="skip the model-level rows")
     ap.add_argument("--quick", action="store_true",
                     help="a short check: op batch 16, model batch 8 x 2 steps, less timing; "
@@ -133,7 +133,7 @@ def op_for_impl(impl):
 
 
 def measure_ops(a, copy_gbps):
-    rows = []
+    """Yields the rows of each (stage, dtype, layout, direction) case as it is measured."""
     for stage, dtype, layout in product(a.stages, a.dtypes, a.layouts):
         probe = make_inputs(a.batch, stage, dtype, layout, a.device)
         set_bytes = 3 * probe.x.numel() * probe.x.element_size()
@@ -144,6 +144,7 @@ def measure_ops(a, copy_gbps):
             case = {"stage": stage, "shape": [a.batch, *STAGES[stage]], "dtype": dtype,
                     "layout": layout, "direction": direction, "input_sets": sets,
                     "bytes": bytes_moved(probe, direction)}
+            rows = []
             for impl in a.impls:
                 fns = [step_fn(op_for_impl(impl), inp, direction) for inp in inputs]
                 seconds, error = first_call(fns[0], a.device)
@@ -156,9 +157,11 @@ def measure_ops(a, copy_gbps):
                     row["frac_copy"] = row["gb_per_s"] / copy_gbps
                 print(progress(row), file=sys.stderr, flush=True)
                 rows.append(row)
-            add_speedups(rows[-len(a.impls):])
-        del inputs, probe
-    return rows
+            add_speedups(rows)
+            for row in rows:
+                row["target"] = check_op(row, a.device)
+            yield rows
+        del inputs, probe  # freed before the next case allocates its own
 
 
 def progress(row):
@@ -288,24 +291,28 @@ def memory_method(model_rows):
     return next((r["memory_method"] for r in model_rows if r.get("memory_method")), "n/a")
 
 
+def save(result, stem):
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+
+
 def main(argv=None):
     a = parse_args(argv)
     meta = environment(a)
     print(f"SPEM report on {meta['device']}: measuring copy bandwidth ...", file=sys.stderr)
     bw = copy_bandwidth(a.device, 1 << 30 if a.device.type == "cuda" else 256 << 20)
-    ops = measure_ops(a, bw["gb_per_s"])
-    for r in ops:
-        r["target"] = check_op(r, a.device)
-    models = [] if a.no_model else measure_models(a)
-    meta["load_avg_end"] = os.getloadavg()
-    result = {"meta": meta, "copy_bandwidth": bw, "ops": ops, "model": models,
-              "targets": {"min_frac_copy": MIN_FRAC_COPY, "min_vs_compile": MIN_VS_COMPILE,
-                          "min_vs_eager": MIN_VS_EAGER, "min_model_vs_plain": MIN_MODEL_RATIO},
-              "summary": summarize(ops, models)}
     os.makedirs(a.out_dir, exist_ok=True)
     stem = os.path.join(a.out_dir, meta["slug"] + ("-quick" if a.quick else ""))
-    with open(stem + ".json", "w") as f:
-        json.dump(result, f, indent=1)
+    result = {"meta": meta, "copy_bandwidth": bw, "ops": [], "model": [],
+              "targets": {"min_frac_copy": MIN_FRAC_COPY, "min_vs_compile": MIN_VS_COMPILE,
+                          "min_vs_eager": MIN_VS_EAGER, "min_model_vs_plain": MIN_MODEL_RATIO}}
+    for rows in measure_ops(a, bw["gb_per_s"]):
+        result["ops"] += rows
+        save(result, stem)  # a run cut short (a time limit) still leaves what it measured
+    result["model"] = [] if a.no_model else measure_models(a)
+    meta["load_avg_end"] = os.getloadavg()
+    result["summary"] = summarize(result["ops"], result["model"])
+    save(result, stem)
     plot.write(result, stem + ".png")
     print(f"wrote {stem}.json and {stem}.png\n")
     print(table(result))
