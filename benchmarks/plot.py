@@ -63,7 +63,7 @@ def _notes(ax, result):
     memory = next((r["memory_method"] for r in result["model"] if r.get("memory_method")), "")
     lines = [f"targets: {s['passed']}/{s['checked']} PASS"
              + (" (op targets apply on GPU only)" if meta["device_type"] != "cuda" else "")]
-    lines += [f"MISS {m}" for m in s["misses"][:8]]
+    lines += s["misses"][:8]
     lines += ["", "bars: GB/s = bytes that must move / median time",
               "labels: median time per call; dashed: measured copy",
               "bandwidth (read + write of a large tensor)",
@@ -81,7 +81,7 @@ def write(result, path):
     groups = list(dict.fromkeys((r["dtype"], r["layout"]) for r in ops))
     nrows = len(directions) + (1 if models else 0)
     ncols = max(len(stages), 3 if models else 1)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, 4.2 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(6 * ncols, 10), 4.2 * nrows), squeeze=False)
     copy_gbps = result["copy_bandwidth"]["gb_per_s"]
     for i, direction in enumerate(directions):
         for j, stage in enumerate(stages):
@@ -98,9 +98,9 @@ def write(result, path):
         _notes(bottom[2], result)
         for ax in bottom[3:]:
             ax.axis("off")
-    fig.suptitle(f"SPEM block tail relu(g*x + residual) on {meta['device']}: torch {meta['torch']}, "
-                 f"triton {meta['triton']}, CUDA {meta['cuda']}, {meta['date'][:10]}; "
+    fig.suptitle(f"SPEM block tail relu(g*x + residual) on {meta['device']}, {meta['date'][:10]}\n"
+                 f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}; "
                  f"copy bandwidth {copy_gbps:.0f} GB/s", fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -24,6 +24,7 @@ from itertools import product
 import torch
 
 from spem_kernels import spem_reference
+from spem_kernels.backends import NAMES as BACKENDS, unavailable_reason
 
 from . import model_bench, plot
 from .cases import (DIRECTIONS, DTYPES, FULL_BATCH, LAYOUTS, STAGES, bytes_moved,
@@ -52,17 +53,20 @@ def parse_args(argv):
                     help="input sets per case (default: enough to span 256 MiB, 2 to 8)")
     ap.add_argument("--min-time", type=float, default=0.5, help="seconds timed per figure")
     ap.add_argument("--model-batch", type=int, default=128 if cuda else 16)
-    ap.add_argument("--model-steps", type=int, default=30 if cuda else 10)
+    ap.add_argument("--model-steps", type=int, default=20 if cuda else 5,
+                    help="timed steps per round")
+    ap.add_argument("--model-rounds", type=int, default=3,
+                    help="interleaved rounds over the variants; the median round is kept")
     ap.add_argument("--model-warmup", type=int, default=5 if cuda else 2)
     ap.add_argument("--no-model", action="store_true", help="skip the model-level rows")
     ap.add_argument("--quick", action="store_true",
-                    help="a short check: op batch 16, model batch 8 x 2 steps, less timing; "
+                    help="a short check: op batch 16, model batch 8, 2 rounds of 1 step; "
                          "results are named <device>-quick")
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
     a = ap.parse_args(argv)
     if a.quick:
         a.batch, a.min_time = 16, 0.2
-        a.model_batch, a.model_steps, a.model_warmup = 8, 2, 1
+        a.model_batch, a.model_steps, a.model_rounds, a.model_warmup = 8, 1, 2, 1
     a.device = torch.device(a.device)
     fused = fused_backends(a.device)
     a.impls = a.impls.split(",") if a.impls else ["eager", "compile"] + fused
@@ -109,6 +113,10 @@ def environment(a):
         "load_avg_start": os.getloadavg(),
         "batch": a.batch,
         "quick": a.quick,
+        # why each kernel backend is or is not in the report (a failed build shows here)
+        "backends": {name: "timed" if name in a.impls
+                     else unavailable_reason(name, a.device) or "not requested"
+                     for name in BACKENDS if name != "eager"},
     }
 
 
@@ -181,7 +189,8 @@ def add_speedups(case_rows):
 
 def check_op(row, device):
     """PASS/MISS of a fused fwd+bwd row against the GPU targets; None where none apply."""
-    if device.type != "cuda" or row["impl"] in ("eager", "compile") or row["direction"] != "fwd+bwd":
+    fused_fwd_bwd = row["impl"] not in ("eager", "compile") and row["direction"] == "fwd+bwd"
+    if device.type != "cuda" or not fused_fwd_bwd:
         return None
     if row["error"]:
         return "MISS (did not run)"
@@ -197,20 +206,17 @@ def check_op(row, device):
 
 def measure_models(a):
     fused = fused_backends(a.device)
-    rows = []
-    for label, attention, backend in model_bench.VARIANTS:
-        row = {"label": label, "attention": attention, "backend": backend,
-               "batch": a.model_batch, "steps": a.model_steps}
-        if label.startswith("fused"):
-            if not fused:
-                rows.append(dict(row, error=f"no fused backend on {a.device.type}"))
-                continue
-            row["resolved_backend"] = fused[0]  # "auto" tries the fused backends in this order
-        print(f"  model: {label} ...", file=sys.stderr, flush=True)
-        row.update(model_bench.run_variant(attention, backend, a.device, a.model_batch,
-                                           a.model_steps, a.model_warmup))
-        row.setdefault("error", None)
-        rows.append(row)
+    labels = [label for label, _, _ in model_bench.VARIANTS
+              if fused or not label.startswith("fused")]
+    print(f"  model: {', '.join(labels)} ...", file=sys.stderr, flush=True)
+    rows = model_bench.measure(labels, str(a.device), a.model_batch, a.model_steps,
+                               a.model_rounds, a.model_warmup)
+    if fused:
+        rows[-1]["resolved_backend"] = fused[0]  # "auto" tries the fused backends in this order
+    else:
+        label, attention, backend = model_bench.VARIANTS[-1]
+        rows.append({"label": label, "attention": attention, "backend": backend,
+                     "batch": a.model_batch, "error": f"no fused backend on {a.device.type}"})
     plain = rows[0].get("steps_per_s")
     for r in rows:
         r["vs_plain"] = r["steps_per_s"] / plain if plain and r.get("steps_per_s") else None
@@ -247,6 +253,8 @@ def table(result):
              f"copy bandwidth (read + write of a {bw['bytes'] // 2 // 2**20} MiB tensor): "
              f"{bw['gb_per_s']:.1f} GB/s; load average {meta['load_avg_start'][0]:.2f} at start, "
              f"{meta['load_avg_end'][0]:.2f} at end",
+             "kernel backends: " + "; ".join(f"{name}: {why[:120]}"
+                                             for name, why in meta["backends"].items()),
              ""]
     head = (f"{'stage':7} {'N,C,H,W':14} {'dtype':8} {'layout':13} {'dir':7} {'impl':8} "
             f"{'ms':>9} {'MB':>7} {'GB/s':>7} {'%copy':>6} {'x eager':>7} {'x comp':>7}  target")
@@ -267,8 +275,8 @@ def table(result):
                      f"{r['frac_copy']:6.1%} {fmt(r['vs_eager'], '7.2f')} "
                      f"{fmt(r['vs_compile'], '7.2f')}  {r.get('target') or ''}")
     if result["model"]:
-        lines += ["", f"ResNet-164 (CIFAR-10) training step, synthetic data, SGD; "
-                      f"memory: {memory_method(result['model'])}",
+        lines += ["", f"ResNet-164 (CIFAR-10) training step, synthetic data, SGD; steps/s: median "
+                      f"of interleaved rounds; memory: {memory_method(result['model'])}",
                   f"{'model':28} {'batch':>5} {'steps/s':>8} {'ms/step':>8} {'peak MB':>8} "
                   f"{'x plain':>7}  target"]
         for r in result["model"]:
@@ -277,13 +285,13 @@ def table(result):
             if r["error"]:
                 lines.append(f"{label:28} {r['batch']:5} n/a: {r['error']}")
                 continue
-            lines.append(f"{label:28} {r['batch']:5} {r['steps_per_s']:8.3f} {r['step_ms']:8.1f} "
-                         f"{r['peak_mem_mb']:8.0f} {fmt(r['vs_plain'], '7.2f')}  "
-                         f"{r.get('target') or ''}")
+            lines.append(f"{label:28} {r['batch']:5} {r['steps_per_s']:8.3f} "
+                         f"{1e3 / r['steps_per_s']:8.1f} {r['peak_mem_mb']:8.0f} "
+                         f"{fmt(r['vs_plain'], '7.2f')}  {r.get('target') or ''}")
     s = result["summary"]
     lines += ["", f"targets: {s['passed']}/{s['checked']} PASS"
               + (" (op targets apply on GPU only)" if meta["device_type"] != "cuda" else "")]
-    lines += [f"  MISS {m}" for m in s["misses"]]
+    lines += [f"  {m}" for m in s["misses"]]
     return "\n".join(lines)
 
 
