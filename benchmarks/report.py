@@ -20,6 +20,7 @@ import shlex
 import sys
 import time
 from itertools import product
+from textwrap import shorten
 
 import torch
 
@@ -253,7 +254,7 @@ def table(result):
              f"copy bandwidth (read + write of a {bw['bytes'] // 2 // 2**20} MiB tensor): "
              f"{bw['gb_per_s']:.1f} GB/s; load average {meta['load_avg_start'][0]:.2f} at start, "
              f"{meta['load_avg_end'][0]:.2f} at end",
-             "kernel backends: " + "; ".join(f"{name}: {why[:120]}"
+             "kernel backends: " + "; ".join(f"{name}: {shorten(why, 100)}"
                                              for name, why in meta["backends"].items()),
              ""]
     head = (f"{'stage':7} {'N,C,H,W':14} {'dtype':8} {'layout':13} {'dir':7} {'impl':8} "
