@@ -151,10 +151,24 @@ struct LaneExtremes {
             static_cast<int32_t>(nan[l] != 0)};
   }
 
+  // Lane-wise, without branches (a plane of 8x8 is only four vectors: the reduction must be
+  // cheap): the extreme values first, then the smallest position among the lanes that hold
+  // them. Each lane's position is its first occurrence, so that minimum is the plane's first.
   Extremes<Acc> reduce() const {
-    Extremes<Acc> e = Extremes<Acc>::empty();
-    for (int l = 0; l < kLanes; ++l) e.merge(lane(l));
-    return e;
+    Acc M = max[0], m = min[0];
+    int32_t any_nan = 0;
+    for (int l = 1; l < kLanes; ++l) {
+      M = max[l] > M ? max[l] : M;
+      m = min[l] < m ? min[l] : m;
+    }
+    int32_t i_max = INT32_MAX, i_min = INT32_MAX;
+    for (int l = 0; l < kLanes; ++l) {
+      const int32_t pmax = static_cast<int32_t>(imax[l]), pmin = static_cast<int32_t>(imin[l]);
+      i_max = max[l] == M && pmax < i_max ? pmax : i_max;
+      i_min = min[l] == m && pmin < i_min ? pmin : i_min;
+      any_nan |= nan[l] != 0;
+    }
+    return {M, m, i_max, i_min, any_nan};
   }
 };
 
@@ -290,10 +304,12 @@ void dot_row(const T* grad, int64_t sg, const T* out, int64_t so, const T* y, in
   }
 }
 
-// dx = G * g (the extremes are added afterwards), dres = G.
+// dx = G * g (the extremes are added afterwards), dres = G. The outputs are fresh tensors:
+// __restrict__ tells the compiler they alias nothing, which it needs to vectorise two stores.
 template <bool Unit, bool Relu, bool WriteDres, typename T, typename Acc>
-void input_grad_row(const T* grad, int64_t sg, const T* out, int64_t so, T* dx, int64_t sd,
-                    T* dres, int64_t se, int64_t len, Acc g) {
+void input_grad_row(const T* __restrict__ grad, int64_t sg, const T* __restrict__ out,
+                    int64_t so, T* __restrict__ dx, int64_t sd, T* __restrict__ dres,
+                    int64_t se, int64_t len, Acc g) {
   if (Unit) sg = so = sd = se = 1;
   for (int64_t i = 0; i < len; ++i) {
     Acc G = static_cast<Acc>(grad[i * sg]);
