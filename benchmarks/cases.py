@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from spem_kernels import available_backends, spem, spem_reference
+from spem_kernels import spem, spem_reference
 
 # (C, H, W) of the stage outputs at the full batch of 128.
 STAGES = {"stage1": (64, 32, 32), "stage2": (128, 16, 16), "stage3": (256, 8, 8)}
@@ -16,16 +16,6 @@ FULL_BATCH = 128
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 DIRECTIONS = ("fwd", "fwd+bwd")
-
-
-def fused_backends(device):
-    """The fused kernel backends that really run on `device`, in the order "auto" tries them.
-
-    Triton on CPU exists only as its interpreter (tests, never timings), so it is left out there.
-    """
-    device = torch.device(device)
-    return [b for b in available_backends(device)
-            if b != "eager" and (b != "triton" or device.type == "cuda")]
 
 
 @dataclass

@@ -7,14 +7,15 @@ runs in seconds. Triton is timed only on CUDA: on CPU it is an interpreter.
 import pytest
 import torch
 
-from benchmarks.cases import FULL_BATCH, fused_backends
+from benchmarks.cases import FULL_BATCH
+from spem_kernels.backends import compiled_backends
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
 BATCH = FULL_BATCH if ON_GPU else 2
 ROUNDS, WARMUP_ROUNDS = (50, 5) if ON_GPU else (5, 1)
 INPUT_SETS = 3 if ON_GPU else 2  # rotated so that repeated calls do not find them in cache
-IMPLS = ["eager"] + fused_backends(DEVICE)
+IMPLS = ["eager"] + compiled_backends(DEVICE)
 
 
 @pytest.fixture

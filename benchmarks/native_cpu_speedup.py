@@ -16,7 +16,8 @@ import torch
 from spem_kernels import spem, spem_reference
 from spem_kernels.backends import unavailable_reason
 
-LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+from .cases import LAYOUTS
+
 
 
 def make_leaves(shape, memory_format):

@@ -25,11 +25,11 @@ from textwrap import shorten
 import torch
 
 from spem_kernels import spem_reference
-from spem_kernels.backends import NAMES as BACKENDS, unavailable_reason
+from spem_kernels.backends import NAMES as BACKENDS, compiled_backends, unavailable_reason
 
 from . import model_bench, plot
 from .cases import (DIRECTIONS, DTYPES, FULL_BATCH, LAYOUTS, STAGES, bytes_moved,
-                    fused_backends, make_inputs, op_for, step_fn)
+                    make_inputs, op_for, step_fn)
 from .timing import copy_bandwidth, measure
 
 # Op targets, for fused fwd+bwd on a GPU; model target: fused steps/s >= this x plain.
@@ -69,7 +69,7 @@ def parse_args(argv):
         a.batch, a.min_time = 16, 0.2
         a.model_batch, a.model_steps, a.model_rounds, a.model_warmup = 8, 1, 2, 1
     a.device = torch.device(a.device)
-    fused = fused_backends(a.device)
+    fused = compiled_backends(a.device)
     a.impls = a.impls.split(",") if a.impls else ["eager", "compile"] + fused
     for impl in a.impls:
         if impl not in ("eager", "compile") and impl not in fused:
@@ -206,7 +206,7 @@ def check_op(row, device):
 
 
 def measure_models(a):
-    fused = fused_backends(a.device)
+    fused = compiled_backends(a.device)
     labels = [label for label, _, _ in model_bench.VARIANTS
               if fused or not label.startswith("fused")]
     print(f"  model: {', '.join(labels)} ...", file=sys.stderr, flush=True)

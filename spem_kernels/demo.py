@@ -13,7 +13,8 @@ import time
 
 import torch
 
-from . import available_backends, spem, spem_reference
+from . import spem, spem_reference
+from .backends import compiled_backends
 
 STAGES = [(64, 32, 32), (128, 16, 16), (256, 8, 8)]
 
@@ -59,9 +60,7 @@ def main(argv=None):
     batch = args.batch or (128 if device.type == "cuda" else 32)
     reps = args.reps or (100 if device.type == "cuda" else 10)
     dtype = getattr(torch, args.dtype)
-    # On CPU tensors Triton runs only in its interpreter: a test tool, not a fast path.
-    fused = [b for b in available_backends(device)
-             if b != "eager" and not (b == "triton" and device.type == "cpu")]
+    fused = compiled_backends(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"spem_kernels demo on {name} ({device}), torch {torch.__version__}, "
           f"{args.dtype}, batch {batch}; fused backends here: {', '.join(fused) or 'none'}")

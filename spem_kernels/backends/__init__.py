@@ -27,6 +27,29 @@ def compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def forward_outputs(x):
+    """Uninitialised (out, stats, idx) as every backend's forward returns them; the fake
+    (torch.compile) registrations use the same shapes, strides and dtypes."""
+    N, C = x.shape[:2]
+    return (torch.empty_like(x), x.new_empty((N, C, 2), dtype=compute_dtype(x.dtype)),
+            x.new_empty((N, C, 2), dtype=torch.int32))
+
+
+def backward_outputs(x, write_dres):
+    """Uninitialised (dx, dres or an empty tensor, dparams) as every backend's backward
+    returns them."""
+    return (torch.empty_like(x), torch.empty_like(x) if write_dres else x.new_empty(0),
+            x.new_empty((x.shape[1], 5), dtype=compute_dtype(x.dtype)))
+
+
+def compiled_backends(device):
+    """The fused backends that run compiled kernels on `device`, in the order "auto" tries
+    them. Triton on CPU tensors exists only as its interpreter: a test tool, never timed."""
+    device = torch.device(device)
+    return [b for b in available_backends(device)
+            if b != "eager" and (b != "triton" or device.type == "cuda")]
+
+
 _modules = {}
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from . import backward_outputs, forward_outputs
+
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 CPU_SOURCES = ("spem_op.cpp", "spem_cpu.cpp")
 HEADERS = ("spem_math.h", "spem_op.h")
@@ -107,16 +109,11 @@ def _register_fakes():
     """Shapes for FakeTensor/torch.compile: the kernels allocate exactly these."""
     @torch.library.register_fake("spem_native::spem_forward")
     def _(x, w1, b1, w2, b2, p, residual, relu):
-        N, C = x.shape[:2]
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return (torch.empty_like(x), x.new_empty((N, C, 2), dtype=acc),
-                x.new_empty((N, C, 2), dtype=torch.int32))
+        return forward_outputs(x)
 
     @torch.library.register_fake("spem_native::spem_backward")
     def _(grad, x, out, stats, idx, w1, b1, w2, b2, p, relu, write_dres):
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return (torch.empty_like(x), torch.empty_like(x) if write_dres else x.new_empty(0),
-                x.new_empty((x.shape[1], 5), dtype=acc))
+        return backward_outputs(x, write_dres)
 
 
 def _ensure_built():

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import compute_dtype
+from . import backward_outputs, compute_dtype, forward_outputs
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -331,11 +331,7 @@ def bwd_launch(grad, x, out, dx, dres, w1, b1, w2, b2, p, stats, idx, part, relu
 
 
 def forward(x, w1, b1, w2, b2, p, residual, relu):
-    N, C = x.shape[:2]
-    acc = compute_dtype(x.dtype)
-    out = torch.empty_like(x)
-    stats = torch.empty((N, C, 2), dtype=acc, device=x.device)
-    idx = torch.empty((N, C, 2), dtype=torch.int32, device=x.device)
+    out, stats, idx = forward_outputs(x)
     if out.numel() > 0:
         grid, args, meta = fwd_launch(x, residual, out, w1, b1, w2, b2, p, stats, idx, relu)
         with _on_device(x.device):
@@ -344,10 +340,8 @@ def forward(x, w1, b1, w2, b2, p, residual, relu):
 
 
 def backward(grad, x, out, stats, idx, w1, b1, w2, b2, p, relu, write_dres):
-    N, C = x.shape[:2]
-    dx = torch.empty_like(x)
-    dres = torch.empty_like(x) if write_dres else x.new_empty(0)
-    part = torch.empty((N, C, 5), dtype=compute_dtype(x.dtype), device=x.device)
+    dx, dres, _ = backward_outputs(x, write_dres)
+    part = x.new_empty((*x.shape[:2], 5), dtype=compute_dtype(x.dtype))
     if dx.numel() > 0:
         grid, args, meta = bwd_launch(grad, x, out, dx, dres, w1, b1, w2, b2, p, stats, idx,
                                       part, relu, write_dres)
