@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from spem_kernels import backends
-from spem_kernels.backends import native_backend, unavailable_reason
+from spem_kernels.backends import native_backend, native_build, unavailable_reason
 
 pytestmark = pytest.mark.skipif(unavailable_reason("native", "cpu") is not None,
                                 reason=str(unavailable_reason("native", "cpu")))
@@ -46,7 +46,7 @@ def test_build_failure_falls_back(monkeypatch):
         raise RuntimeError("Error building extension 'spem_native_cpu':\n"
                            "spem_cpu.cpp:1:1: error: expected declaration")
 
-    monkeypatch.setattr(native_backend, "_load_library", broken_compiler)
+    monkeypatch.setattr(native_build, "_load_library", broken_compiler)
     monkeypatch.setattr(native_backend, "_reasons", None)
     monkeypatch.setattr(backends, "_resolved", {})
     reason = unavailable_reason("native", "cpu")
