@@ -442,16 +442,24 @@ void backward_channel_major(const BackwardViews<T>& v, const std::vector<at::Ten
   });
 }
 
-// dparams[c] = sum over n of part[n, c], in order of n.
+// The parameter gradients from the per-(n, c) partials: sums over n, in order of n, then p's
+// gradient from the last column summed over c (spem_math.h).
 template <typename Acc>
-void sum_partials_over_n(const Acc* part, Acc* dparams, int64_t N, int64_t C) {
-  std::fill_n(dparams, C * kPartials, Acc(0));
+void reduce_partials(const Acc* part, int64_t N, int64_t C, const Acc* p,
+                     const ParamTensors& grads) {
+  std::vector<Acc> sums(C * kPartials, Acc(0));
   for (int64_t n = 0; n < N; ++n)
-    for (int64_t k = 0; k < C * kPartials; ++k) dparams[k] += part[n * C * kPartials + k];
+    for (int64_t k = 0; k < C * kPartials; ++k) sums[k] += part[n * C * kPartials + k];
+  Acc D = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    for (int k = 0; k < 4; ++k) grads[k].data_ptr<Acc>()[c] = sums[c * kPartials + k];
+    D += sums[c * kPartials + 4];
+  }
+  p_gradient(p, D, grads[4].data_ptr<Acc>());
 }
 
 template <typename Acc>
-Params<Acc> params_of(const std::vector<at::Tensor>& p) {
+Params<Acc> params_of(const ParamTensors& p) {
   return {p[0].data_ptr<Acc>(), p[1].data_ptr<Acc>(), p[2].data_ptr<Acc>(),
           p[3].data_ptr<Acc>(), p[4].data_ptr<Acc>()};
 }
@@ -463,9 +471,7 @@ ForwardResult spem_forward_cpu(const at::Tensor& x, const at::Tensor& w1, const 
   auto [out, stats, idx] = allocate_forward(x);
   if (out.numel() == 0) return {out, stats, idx};
   const auto acc = compute_dtype(x.scalar_type());
-  const std::vector<at::Tensor> prm = {as_compute(w1, acc), as_compute(b1, acc),
-                                       as_compute(w2, acc), as_compute(b2, acc),
-                                       as_compute(p, acc)};
+  const ParamTensors prm = compute_params(w1, b1, w2, b2, p, acc);
   const bool has_res = residual.has_value();
   const at::Tensor& res = has_res ? *residual : x;  // read only with a residual
   const bool by_channel = channel_major(x);
@@ -496,14 +502,13 @@ BackwardResult spem_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
                                  const at::Tensor& b2, const at::Tensor& p, bool relu,
                                  bool write_dres) {
   check_backward(grad, x, out, stats, idx, w1, b1, w2, b2, p);
-  auto [dx, dres, dparams] = allocate_backward(x, write_dres);
+  auto [dx, dres] = allocate_input_grads(x, write_dres);
   const int64_t N = x.size(0), C = x.size(1);
   const auto acc = compute_dtype(x.scalar_type());
+  const ParamTensors prm = compute_params(w1, b1, w2, b2, p, acc);
+  ParamGrads grads = allocate_param_grads({w1, b1, w2, b2, p}, acc);
   at::Tensor part = at::zeros({N, C, kPartials}, x.options().dtype(acc));
   if (dx.numel() > 0) {
-    const std::vector<at::Tensor> prm = {as_compute(w1, acc), as_compute(b1, acc),
-                                         as_compute(w2, acc), as_compute(b2, acc),
-                                         as_compute(p, acc)};
     const at::Tensor stats_c = stats.contiguous(), idx_c = idx.contiguous();
     const at::Tensor& e = write_dres ? dres : dx;  // written only when write_dres
     const std::vector<at::Tensor> ts = {grad, x, out, dx, e};
@@ -528,10 +533,12 @@ BackwardResult spem_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
       });
     });
   }
-  AT_DISPATCH_FLOATING_TYPES(acc, "spem_sum_partials", [&] {
-    sum_partials_over_n(part.data_ptr<scalar_t>(), dparams.data_ptr<scalar_t>(), N, C);
+  AT_DISPATCH_FLOATING_TYPES(acc, "spem_reduce_partials", [&] {
+    reduce_partials(part.data_ptr<scalar_t>(), N, C, prm[4].data_ptr<scalar_t>(), grads.written);
   });
-  return {dx, dres, dparams};
+  grads.finish();
+  const auto& [dw1, db1, dw2, db2, dp] = grads.result;
+  return {dx, dres, dw1, db1, dw2, db2, dp};
 }
 
 }  // namespace

@@ -44,8 +44,7 @@ ForwardResult spem_forward_cuda(const at::Tensor& x, const at::Tensor& w1, const
   const c10::cuda::CUDAGuard guard(x.device());
   auto [out, stats, idx] = allocate_forward(x);
   const auto acc = compute_dtype(x.scalar_type());
-  const at::Tensor prm[5] = {as_compute(w1, acc), as_compute(b1, acc), as_compute(w2, acc),
-                             as_compute(b2, acc), as_compute(p, acc)};
+  const ParamTensors prm = compute_params(w1, b1, w2, b2, p, acc);
   const at::Tensor& res = residual.has_value() ? *residual : x;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spem_forward_cuda", [&] {
     using T = typename CudaType<scalar_t>::type;
@@ -69,11 +68,15 @@ BackwardResult spem_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
                                   bool write_dres) {
   check_backward(grad, x, out, stats, idx, w1, b1, w2, b2, p);
   const c10::cuda::CUDAGuard guard(x.device());
-  auto [dx, dres, dparams] = allocate_backward(x, write_dres);
-  if (x.numel() == 0) return {dx, dres, dparams.zero_()};
+  auto [dx, dres] = allocate_input_grads(x, write_dres);
   const auto acc = compute_dtype(x.scalar_type());
-  const at::Tensor prm[5] = {as_compute(w1, acc), as_compute(b1, acc), as_compute(w2, acc),
-                             as_compute(b2, acc), as_compute(p, acc)};
+  const ParamTensors prm = compute_params(w1, b1, w2, b2, p, acc);
+  ParamGrads grads = allocate_param_grads({w1, b1, w2, b2, p}, acc);
+  if (x.numel() == 0) {
+    for (auto& g : grads.result) g.zero_();
+    const auto& [dw1, db1, dw2, db2, dp] = grads.result;
+    return {dx, dres, dw1, db1, dw2, db2, dp};
+  }
   const at::Tensor stats_c = stats.contiguous(), idx_c = idx.contiguous();
   const at::Tensor partials = at::empty({x.size(0), x.size(1), kPartials}, stats.options());
   const at::Tensor blocks_done = at::empty({1}, idx.options());
@@ -88,11 +91,15 @@ BackwardResult spem_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
         data_of<const Acc>(prm[0]), data_of<const Acc>(prm[1]), data_of<const Acc>(prm[2]),
         data_of<const Acc>(prm[3]), data_of<const Acc>(prm[4]), data_of<const Acc>(stats_c),
         data_of<const int32_t>(idx_c), data_of<Acc>(partials),
-        data_of<unsigned int>(blocks_done), data_of<Acc>(dparams), x.size(0), x.size(1),
+        data_of<unsigned int>(blocks_done), data_of<Acc>(grads.written[0]),
+        data_of<Acc>(grads.written[1]), data_of<Acc>(grads.written[2]),
+        data_of<Acc>(grads.written[3]), data_of<Acc>(grads.written[4]), x.size(0), x.size(1),
         x.size(2), x.size(3), relu};
     C10_CUDA_CHECK(launch_spem_backward(a, c10::cuda::getCurrentCUDAStream()));
   });
-  return {dx, dres, dparams};
+  grads.finish();
+  const auto& [dw1, db1, dw2, db2, dp] = grads.result;
+  return {dx, dres, dw1, db1, dw2, db2, dp};
 }
 
 }  // namespace

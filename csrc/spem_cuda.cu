@@ -9,7 +9,8 @@
 // Both use 16-byte loads and stores (VEC elements) when every tensor's layout and alignment
 // allow it, else one element at a time. Ties go to the first position (Extremes::merge is
 // order-free); sums reduce in a fixed order. The backward's per-(n, c) partials are summed
-// over n, in order of n, by the last block to finish (an integer counter, no float atomics).
+// over n, in order of n, into the parameter gradients (and p's) by the last block to finish
+// (an integer counter, no float atomics).
 #include "spem_cuda.h"
 
 #include <initializer_list>
@@ -244,9 +245,10 @@ __device__ __forceinline__ void masked_grad(const BackwardArgs<T, Acc>& a, int64
   }
 }
 
-// The last block to finish sums the partials over n, in order of n.
+// The last block to finish sums the partials over n, in order of n, into the parameter
+// gradients, then sums the last column over c into p's gradient (spem_math.h).
 template <typename T, typename Acc>
-__device__ void sum_partials_if_last(const BackwardArgs<T, Acc>& a) {
+__device__ void reduce_partials_if_last(const BackwardArgs<T, Acc>& a) {
   __shared__ bool last;
   __threadfence();  // this block's partials are visible before it counts as done
   __syncthreads();
@@ -254,10 +256,21 @@ __device__ void sum_partials_if_last(const BackwardArgs<T, Acc>& a) {
   __syncthreads();
   if (!last) return;
   __threadfence();
+  Acc* const grads[4] = {a.dw1, a.db1, a.dw2, a.db2};
   for (int64_t k = threadIdx.x; k < a.C * kPartials; k += blockDim.x) {
     Acc s = 0;
     for (int64_t n = 0; n < a.N; ++n) s += __ldcg(a.partials + n * a.C * kPartials + k);
-    a.dparams[k] = s;
+    const int64_t c = k / kPartials, column = k % kPartials;
+    if (column < 4)
+      grads[column][c] = s;
+    else
+      a.partials[k] = s;  // row n = 0 of column 4, read by no other thread: D's terms
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    Acc D = 0;
+    for (int64_t c = 0; c < a.C; ++c) D += a.partials[c * kPartials + 4];
+    p_gradient(a.p, D, a.dp);
   }
 }
 
@@ -330,7 +343,7 @@ __global__ void __launch_bounds__(kThreads)
                              offset(a.se, n, c, p, W, flat));
     }
   }
-  sum_partials_if_last(a);
+  reduce_partials_if_last(a);
 }
 
 template <typename T, typename Acc, int VEC, int LC>
@@ -383,7 +396,7 @@ __global__ void __launch_bounds__(kThreads)
                              offset(a.se, n, c, p, W, flat));
     }
   }
-  sum_partials_if_last(a);
+  reduce_partials_if_last(a);
 }
 
 // --- launch configuration ---

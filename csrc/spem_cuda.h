@@ -42,7 +42,8 @@ struct BackwardArgs {
   const int32_t* idx;
   Acc* partials;              // (N, C, 5) scratch
   unsigned int* blocks_done;  // one counter of scratch, zeroed by the launcher
-  Acc* dparams;               // (C, 5): the partials summed over n
+  Acc *dw1, *db1, *dw2, *db2;  // C values each: the partials summed over n
+  Acc* dp;                     // 2 values: p's gradient
   int64_t N, C, H, W;
   bool relu;
 };

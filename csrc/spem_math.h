@@ -11,6 +11,9 @@
 //   per-(n, c) partials [dZ (q0 A + q1 B), dZ, dA M + dB m, dA + dB, dZ w1 w2 (M - m)]: the
 //   last is dq0 - dq1 = dZ w1 (A - B), all that p's gradient needs, computed without the
 //   cancellation of subtracting two large sums
+// Parameter gradients: the first four partials summed over n are dw1, db1, dw2, db2; with
+// D = the last one summed over n and c, P = p0^2 + p1^2 and q_i = p_i^2 / P,
+//   dp_i = 2 p_i / P (dq_i - q0 dq0 - q1 dq1), i.e. dp0 = 2 p0 p1^2 D / P^2, dp1 = -2 p1 p0^2 D / P^2
 #pragma once
 
 #include <math.h>
@@ -24,7 +27,7 @@
 
 namespace spem_native {
 
-constexpr int kPartials = 5;  // columns of dparams: dw1, db1, dw2, db2, dq0 - dq1
+constexpr int kPartials = 5;  // per (n, c): dw1, db1, dw2, db2, dq0 - dq1 before the sums
 
 SPEM_HD float spem_exp(float v) { return expf(v); }
 SPEM_HD double spem_exp(double v) { return exp(v); }
@@ -78,6 +81,15 @@ SPEM_HD PlaneGrads<Acc> plane_grads(Acc S, Acc M, Acc m, const ChannelParams<Acc
   return {t.s1 * t.s2, dA * c.w2, dB * c.w2,
           {dZ * (c.q0 * t.A + c.q1 * t.B), dZ, dA * M + dB * m, dA + dB,
            dZ * c.w1 * c.w2 * (M - m)}};
+}
+
+// p's gradient from D, the sum of dq0 - dq1 over every (n, c).
+template <typename Acc>
+SPEM_HD void p_gradient(const Acc* p, Acc D, Acc* dp) {
+  const Acc a = p[0] * p[0], b = p[1] * p[1], P = a + b;
+  const Acc s = Acc(2) * D / (P * P);
+  dp[0] = s * p[0] * b;
+  dp[1] = -s * p[1] * a;
 }
 
 // Running max and min of part of a plane with their positions, ignoring NaN (counted apart).

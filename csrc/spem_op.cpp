@@ -13,8 +13,32 @@ at::ScalarType compute_dtype(at::ScalarType x_dtype) {
   return x_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-at::Tensor as_compute(const at::Tensor& param, at::ScalarType acc) {
+static at::Tensor as_compute(const at::Tensor& param, at::ScalarType acc) {
+  if (param.scalar_type() == acc && param.is_contiguous()) return param;
   return param.reshape(-1).to(acc).contiguous();
+}
+
+ParamTensors compute_params(const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                      const at::Tensor& b2, const at::Tensor& p, at::ScalarType acc) {
+  return {as_compute(w1, acc), as_compute(b1, acc), as_compute(w2, acc), as_compute(b2, acc),
+          as_compute(p, acc)};
+}
+
+ParamGrads allocate_param_grads(const ParamTensors& params, at::ScalarType acc) {
+  // at::empty with a parameter's sizes: contiguous, whatever the parameter's own layout.
+  ParamGrads g;
+  for (size_t k = 0; k < params.size(); ++k) {
+    g.result[k] = at::empty(params[k].sizes(), params[k].options());
+    g.written[k] = params[k].scalar_type() == acc
+                       ? g.result[k]
+                       : at::empty(params[k].sizes(), params[k].options().dtype(acc));
+  }
+  return g;
+}
+
+void ParamGrads::finish() {
+  for (size_t k = 0; k < result.size(); ++k)
+    if (!result[k].is_same(written[k])) result[k].copy_(written[k]);
 }
 
 static void check_float(const at::Tensor& t, const char* name) {
@@ -88,17 +112,19 @@ ForwardResult allocate_forward(const at::Tensor& x) {
           at::empty({x.size(0), x.size(1), 2}, opts.dtype(at::kInt))};
 }
 
-BackwardResult allocate_backward(const at::Tensor& x, bool write_dres) {
-  return {at::empty_like(x), write_dres ? at::empty_like(x) : at::empty({0}, x.options()),
-          at::empty({x.size(1), kPartials}, x.options().dtype(compute_dtype(x.scalar_type())))};
+std::tuple<at::Tensor, at::Tensor> allocate_input_grads(const at::Tensor& x, bool write_dres) {
+  return {at::empty_like(x), write_dres ? at::empty_like(x) : at::empty({0}, x.options())};
 }
 
 }  // namespace spem_native
 
 TORCH_LIBRARY(spem_native, m) {
+  // The differentiable op (spem_autograd.cpp); the two below are its kernels.
+  m.def("spem(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor p, Tensor? residual, "
+        "bool relu) -> Tensor");
   m.def("spem_forward(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor p, "
         "Tensor? residual, bool relu) -> (Tensor out, Tensor stats, Tensor idx)");
   m.def("spem_backward(Tensor grad, Tensor x, Tensor out, Tensor stats, Tensor idx, "
         "Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor p, bool relu, bool write_dres) "
-        "-> (Tensor dx, Tensor dres, Tensor dparams)");
+        "-> (Tensor dx, Tensor dres, Tensor dw1, Tensor db1, Tensor dw2, Tensor db2, Tensor dp)");
 }

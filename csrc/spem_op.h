@@ -5,19 +5,35 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
 #include <optional>
 #include <tuple>
 
 namespace spem_native {
 
-using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;   // out, stats, idx
-using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // dx, dres, dparams
+using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // out, stats, idx
+// dx, dres, dw1, db1, dw2, db2, dp
+using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                  at::Tensor, at::Tensor>;
 
 // float64 math for float64 x, float32 otherwise.
 at::ScalarType compute_dtype(at::ScalarType x_dtype);
 
-// A parameter as a contiguous (numel,) tensor in the compute dtype (a no-op when it is one).
-at::Tensor as_compute(const at::Tensor& param, at::ScalarType acc);
+// w1, b1, w2, b2, p in the compute dtype with their values contiguous: the tensors themselves
+// when they already are (the usual case: no copy, no new tensor).
+using ParamTensors = std::array<at::Tensor, 5>;
+ParamTensors compute_params(const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                      const at::Tensor& b2, const at::Tensor& p, at::ScalarType acc);
+
+// The gradients of the parameters `params` (w1, b1, w2, b2, p as the caller passed them):
+// `result` has each parameter's shape and dtype; the kernels write `written` (compute dtype,
+// contiguous), which is `result` itself when the dtypes agree.
+struct ParamGrads {
+  ParamTensors result, written;
+  // Converts `written` into `result` where the dtypes differ (16-bit parameters).
+  void finish();
+};
+ParamGrads allocate_param_grads(const ParamTensors& params, at::ScalarType acc);
 
 void check_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
                    const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& p,
@@ -31,7 +47,7 @@ void check_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tenso
 // out = empty_like(x) (x's memory format), stats (N, C, 2) compute dtype, idx (N, C, 2) int32.
 ForwardResult allocate_forward(const at::Tensor& x);
 
-// dx = empty_like(x), dres = empty_like(x) or (0,), dparams (C, 6) compute dtype.
-BackwardResult allocate_backward(const at::Tensor& x, bool write_dres);
+// dx = empty_like(x); dres = empty_like(x) when written, else an empty (0,) tensor.
+std::tuple<at::Tensor, at::Tensor> allocate_input_grads(const at::Tensor& x, bool write_dres);
 
 }  // namespace spem_native

@@ -3,9 +3,12 @@
 Argument checks, backend choice, autograd and the torch.library registration live here;
 a backend only launches kernels (see backends/__init__.py for its two entry points).
 
-Two call paths share one autograd formula:
-- eager: a plain autograd.Function that calls the backend directly. The op runs 54 times
-  per ResNet-164 forward, so it skips the dispatcher's per-call cost.
+The op runs 54 times per ResNet-164 forward, so the eager call path is built for the least
+host time per call. Three call paths, one autograd formula (`_gradients`; the native
+library repeats its few lines in C++):
+- eager, native backend: its differentiable C++ op, autograd included (one dispatch, no
+  Python in the backward);
+- eager, Triton backend: a plain autograd.Function that calls the backend directly;
 - torch.compile: the custom ops ``spem_kernels::spem_forward`` / ``spem_backward`` with
   register_fake and register_autograd, so a compiled model has no graph break.
 """
@@ -65,74 +68,54 @@ def spem(x, w1, b1, w2, b2, p, residual=None, *, relu=False, backend="auto"):
     backend: "auto", "triton", "native" or "eager". Returns x's shape, dtype and format.
     """
     _check(x, (w1, b1, w2, b2), p, residual, relu)
-    name = backends.resolve(backend, x.device)
-    if name == "eager":
+    impl = backends.resolve(backend, x.device)
+    if impl.NAME == "eager":
         return spem_reference(x, w1, b1, w2, b2, p, residual, relu=relu)
     if torch.compiler.is_compiling():
-        return spem_forward(x, w1, b1, w2, b2, p, residual, relu, name)[0]
-    return _SpemFunction.apply(x, w1, b1, w2, b2, p, residual, relu, name)[0]
+        return spem_forward(x, w1, b1, w2, b2, p, residual, relu, impl.NAME)[0]
+    if impl.differentiable is not None:  # autograd wired in the backend itself (native: C++)
+        return impl.differentiable(x, w1, b1, w2, b2, p, residual, relu)
+    return _SpemFunction.apply(x, w1, b1, w2, b2, p, residual, relu, impl)
 
 
-def _flat(*params):
-    return [t.reshape(-1) for t in params]
-
-
-def _forward(x, w1, b1, w2, b2, p, residual, relu, backend):
-    return backends.load(backend).forward(x, *_flat(w1, b1, w2, b2, p), residual, relu)
-
-
-def _setup_context(ctx, inputs, output):
-    x, w1, b1, w2, b2, p, residual, relu, backend = inputs
-    out, stats, idx = output
+def _save(ctx, x, w1, b1, w2, b2, p, residual, relu, backend, out, stats, idx):
     # The ReLU mask is read off the output: no full-size mask is kept.
     ctx.save_for_backward(x, out if relu else None, stats, idx, w1, b1, w2, b2, p)
     ctx.relu, ctx.backend, ctx.has_residual = relu, backend, residual is not None
-    ctx.mark_non_differentiable(stats, idx)
 
 
-def _make_backward(backward_impl):
-    """The autograd formula; `backward_impl` runs the kernels (directly, or as a custom op)."""
-
-    def backward(ctx, grad, _grad_stats=None, _grad_idx=None):
-        x, out, stats, idx, w1, b1, w2, b2, p = ctx.saved_tensors
-        write_dres = ctx.has_residual and ctx.relu
-        dx, dres, dparams = backward_impl(
-            grad, x, out if ctx.relu else x, stats, idx, *_flat(w1, b1, w2, b2, p),
-            ctx.relu, write_dres, ctx.backend)
-        if ctx.has_residual and not ctx.relu:
-            dres = grad  # without the ReLU the residual's gradient is dL/dout itself
-        elif not ctx.has_residual:
-            dres = None
-        # p: with P = p0^2 + p1^2 and q_i = p_i^2 / P, dp_i = 2 p_i / P (dq_i - q0 dq0 - q1 dq1),
-        # which is dp0 = 2 p0 q1 (dq0 - dq1) / P and dp1 = -2 p1 q0 (dq0 - dq1) / P.
-        pc = p.reshape(-1).to(dparams.dtype)
-        p2 = pc * pc
-        P = p2.sum()
-        dq_diff = dparams[:, 4].sum()
-        dp = 2 * pc * p2.flip(0) / (P * P) * dq_diff * pc.new_tensor([1.0, -1.0])
-        grads = [dparams[:, k].reshape(t.shape).to(t.dtype)
-                 for k, t in enumerate((w1, b1, w2, b2))]
-        return (dx, *grads, dp.reshape(p.shape).to(p.dtype), dres, None, None)
-
-    return backward
-
-
-def _backward_direct(grad, x, out, stats, idx, w1, b1, w2, b2, p, relu, write_dres, backend):
-    return backends.load(backend).backward(grad, x, out, stats, idx, w1, b1, w2, b2, p, relu,
-                                           write_dres)
+def _gradients(ctx, grad, backward_kernels):
+    """The autograd formula, shared by both call paths: the backend's backward already gives
+    every gradient in its final shape and dtype; only the residual's needs choosing."""
+    x, out, stats, idx, w1, b1, w2, b2, p = ctx.saved_tensors
+    dx, dres, dw1, db1, dw2, db2, dp = backward_kernels(
+        grad, x, out if ctx.relu else x, stats, idx, w1, b1, w2, b2, p, ctx.relu,
+        ctx.has_residual and ctx.relu)
+    if not ctx.has_residual:
+        dres = None
+    elif not ctx.relu:
+        dres = grad  # without the ReLU the residual's gradient is dL/dout itself
+    return dx, dw1, db1, dw2, db2, dp, dres, None, None
 
 
 class _SpemFunction(torch.autograd.Function):
-    # forward(ctx, ...) rather than a separate setup_context: with the latter, every apply()
-    # binds its arguments through inspect.signature, about half of this path's Python cost.
+    """The eager call path: the backend's kernels called directly, one autograd node.
+
+    forward(ctx, ...) rather than a separate setup_context: with the latter, every apply()
+    binds its arguments through inspect.signature, about half of this path's Python cost.
+    Only `out` is an output: stats and positions stay on ctx, so autograd materialises no
+    zero gradients for them."""
+
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, p, residual, relu, backend):
-        output = _forward(x, w1, b1, w2, b2, p, residual, relu, backend)
-        _setup_context(ctx, (x, w1, b1, w2, b2, p, residual, relu, backend), output)
-        return output
+        out, stats, idx = backend.forward(x, w1, b1, w2, b2, p, residual, relu)
+        _save(ctx, x, w1, b1, w2, b2, p, residual, relu, backend, out, stats, idx)
+        return out
 
-    backward = staticmethod(torch.autograd.function.once_differentiable(
-        _make_backward(_backward_direct)))
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        return _gradients(ctx, grad, ctx.backend.backward)
 
 
 # --- torch.library registration (the torch.compile path; opcheck tests it) ---
@@ -142,7 +125,7 @@ def spem_forward(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, p: T
                  residual: Optional[Tensor], relu: bool, backend: str
                  ) -> tuple[Tensor, Tensor, Tensor]:
     """(out, stats, idx): the output, per-plane [max, min] and their positions."""
-    return _forward(x, w1, b1, w2, b2, p, residual, relu, backend)
+    return backends.load(backend).forward(x, w1, b1, w2, b2, p, residual, relu)
 
 
 @spem_forward.register_fake
@@ -153,16 +136,28 @@ def _(x, w1, b1, w2, b2, p, residual, relu, backend):
 @torch.library.custom_op("spem_kernels::spem_backward", mutates_args=())
 def spem_backward(grad: Tensor, x: Tensor, out: Tensor, stats: Tensor, idx: Tensor,
                   w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, p: Tensor,
-                  relu: bool, write_dres: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dresidual or empty, dparams (C, 5))."""
-    return _backward_direct(grad, x, out, stats, idx, w1, b1, w2, b2, p, relu, write_dres,
-                            backend)
+                  relu: bool, write_dres: bool, backend: str
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dresidual or empty, dw1, db1, dw2, db2, dp)."""
+    return backends.load(backend).backward(grad, x, out, stats, idx, w1, b1, w2, b2, p, relu,
+                                           write_dres)
 
 
 @spem_backward.register_fake
 def _(grad, x, out, stats, idx, w1, b1, w2, b2, p, relu, write_dres, backend):
-    return backward_outputs(x, write_dres)
+    return backward_outputs(x, write_dres, (w1, b1, w2, b2, p))
 
 
-torch.library.register_autograd("spem_kernels::spem_forward", _make_backward(spem_backward),
+def _setup_context(ctx, inputs, output):
+    x, w1, b1, w2, b2, p, residual, relu, backend = inputs  # here `backend` is its name
+    out, stats, idx = output
+    _save(ctx, x, w1, b1, w2, b2, p, residual, relu, backend, out, stats, idx)
+    ctx.mark_non_differentiable(stats, idx)
+
+
+def _compiled_backward(ctx, grad, _grad_stats, _grad_idx):
+    return _gradients(ctx, grad, lambda *args: spem_backward(*args, ctx.backend))
+
+
+torch.library.register_autograd("spem_kernels::spem_forward", _compiled_backward,
                                 setup_context=_setup_context)

@@ -8,6 +8,12 @@ anywhere in a plane makes that plane's max, gate and output NaN.
 import torch
 import torch.nn.functional as F
 
+NAME = "eager"  # as a backend (backends.load("eager")): autograd differentiates it
+
+
+def is_available(device):
+    return None
+
 
 def spem_reference(x, w1, b1, w2, b2, p, residual=None, *, relu=False, backend="eager"):
     """Eager SPEM: ``relu?(g * x + residual)`` with ``g`` one gate per (n, c); see SPEM.md."""

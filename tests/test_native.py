@@ -34,6 +34,24 @@ def test_opcheck(dtype, channels_last, residual, relu):
                           (grad, x, out, stats, idx, *params, relu, write_dres))
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("residual,relu", [(False, False), (True, False), (True, True)],
+                         ids=["plain", "residual", "tail"])
+def test_opcheck_differentiable_op(channels_last, residual, relu):
+    """spem_native.spem: the op with its autograd in C++ (the eager path's native call)."""
+    x, params, res = op_inputs(torch.float64, channels_last, residual)
+    leaves = [t.requires_grad_() for t in (x, *params)]
+    torch.library.opcheck(torch.ops.spem_native.spem.default, (*leaves, res, relu))
+
+
+def test_differentiable_op_without_autograd():
+    """Under inference_mode the op runs its forward alone (no autograd kernel involved)."""
+    x, params, res = op_inputs(torch.float32, False, True)
+    expected = torch.ops.spem_native.spem_forward(x, *params, res, True)[0]
+    with torch.inference_mode():
+        assert torch.equal(torch.ops.spem_native.spem(x, *params, res, True), expected)
+
+
 def test_outputs_follow_x_layout():
     x, params, res = op_inputs(torch.float32, True, True)
     out, stats, idx = torch.ops.spem_native.spem_forward(x, *params, res, True)
@@ -52,6 +70,6 @@ def test_build_failure_falls_back(monkeypatch):
     reason = unavailable_reason("native", "cpu")
     assert reason is not None and "expected declaration" in reason
     assert "native" not in backends.available_backends("cpu")
-    assert backends.resolve("auto", torch.device("cpu")) == "eager"
+    assert backends.resolve("auto", torch.device("cpu")).NAME == "eager"
     with pytest.raises(RuntimeError, match="expected declaration"):
         backends.resolve("native", torch.device("cpu"))

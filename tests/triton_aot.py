@@ -72,7 +72,7 @@ def widest_global_load_bytes(compiled, elem_bytes):
 
 
 def launches(shape, dtype, channels_last, relu, residual):
-    """(name, kernel, args, meta) for the forward and backward launch of one call."""
+    """(name, kernel, args, meta) for the forward and the two backward launches of one call."""
     N, C = shape[:2]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.empty(shape, dtype=dtype).contiguous(memory_format=fmt)
@@ -82,11 +82,14 @@ def launches(shape, dtype, channels_last, relu, residual):
     acc = compute_dtype(dtype)
     stats = torch.empty(N, C, 2, dtype=acc)
     idx = torch.empty(N, C, 2, dtype=torch.int32)
-    part = torch.empty(N, C, 5, dtype=acc)
+    part = torch.empty(5, N, C, dtype=acc)
+    param_grads = [torch.empty_like(t) for t in params]
     _, fargs, fmeta = tb.fwd_launch(x, res, out, *params, stats, idx, relu)
     _, bargs, bmeta = tb.bwd_launch(grad, x, out, dx, dres, *params, stats, idx, part, relu,
                                     residual and relu)
-    return [("fwd", tb._spem_fwd_kernel, fargs, fmeta), ("bwd", tb._spem_bwd_kernel, bargs, bmeta)]
+    _, gargs, gmeta = tb.grads_launch(part, params[4], *param_grads)
+    return [("fwd", tb._spem_fwd_kernel, fargs, fmeta), ("bwd", tb._spem_bwd_kernel, bargs, bmeta),
+            ("grads", tb._spem_param_grads_kernel, gargs, gmeta)]
 
 
 # The launches worth compiling: the ResNet-164 block tail at each stage shape in both
@@ -122,14 +125,14 @@ def main():
         sys.exit("run without TRITON_INTERPRET=1: the interpreter compiles nothing")
     if args.json:
         print(json.dumps([dict(arch=arch, case=case, kernel=name, resources=res, load_bytes=load,
-                               one_pass=meta["ONE_PASS"])
+                               one_pass=meta.get("ONE_PASS"))
                           for arch in args.arch for case, name, meta, res, load in report(arch)]))
         return
     for arch in args.arch:
-        print(f"sm_{arch}: {'case':<44} {'kern':>4} {'BC':>4} {'BHW':>5} {'warps':>5} "
+        print(f"sm_{arch}: {'case':<44} {'kern':>5} {'BC':>4} {'BHW':>5} {'warps':>5} "
               f"{'REG':>4} {'STACK':>5} {'LOCAL':>5} {'load B':>6}")
         for case, name, meta, res, load in report(arch):
-            print(f"sm_{arch}: {case:<44} {name:>4} {meta['BLOCK_C']:>4} {meta['BLOCK_HW']:>5} "
+            print(f"sm_{arch}: {case:<44} {name:>5} {meta['BLOCK_C']:>4} {meta.get('BLOCK_HW', '-'):>5} "
                   f"{meta['num_warps']:>5} {res.get('REG', -1):>4} {res.get('STACK', -1):>5} "
                   f"{res.get('LOCAL', -1):>5} {load:>6}")
 

@@ -1,7 +1,9 @@
 """Native backend: the C++/CUDA kernels of csrc/ (built and loaded by native_build).
 
 The library registers the ops torch.ops.spem_native.spem_forward / spem_backward, whose
-arguments and results are this module's `forward` / `backward` (backends/__init__.py).
+arguments and results are this module's `forward` / `backward` (backends/__init__.py), and
+spem_native.spem, the differentiable op with its autograd in C++ (`differentiable`), which
+the eager call path uses: the cheapest on the host (see csrc/spem_autograd.cpp).
 """
 import threading
 
@@ -9,6 +11,7 @@ import torch
 
 from . import backward_outputs, forward_outputs, native_build
 
+NAME = "native"
 _lock = threading.Lock()
 _reasons = None  # {"cpu": reason or None, "cuda": reason or None} once a build was tried
 _fakes_registered = False
@@ -16,17 +19,23 @@ _fakes_registered = False
 
 def _register_fakes():
     """Shapes for FakeTensor/torch.compile: the kernels allocate exactly these."""
+    @torch.library.register_fake("spem_native::spem")
+    def _(x, w1, b1, w2, b2, p, residual, relu):
+        return torch.empty_like(x)
+
     @torch.library.register_fake("spem_native::spem_forward")
     def _(x, w1, b1, w2, b2, p, residual, relu):
         return forward_outputs(x)
 
     @torch.library.register_fake("spem_native::spem_backward")
     def _(grad, x, out, stats, idx, w1, b1, w2, b2, p, relu, write_dres):
-        return backward_outputs(x, write_dres)
+        return backward_outputs(x, write_dres, (w1, b1, w2, b2, p))
 
 
 def _ensure_built():
     global _reasons, _fakes_registered
+    if _reasons is not None:  # no lock once built: torch.compile traces this, and cannot lock
+        return _reasons
     with _lock:
         if _reasons is None:
             reasons = native_build.load()
@@ -46,11 +55,20 @@ def is_available(device):
 
 
 def forward(x, w1, b1, w2, b2, p, residual, relu):
-    _ensure_built()  # registers the ops when a caller skipped is_available
-    return torch.ops.spem_native.spem_forward(x, w1, b1, w2, b2, p, residual, relu)
+    return _ops().spem_forward.default(x, w1, b1, w2, b2, p, residual, relu)
 
 
 def backward(grad, x, out, stats, idx, w1, b1, w2, b2, p, relu, write_dres):
+    return _ops().spem_backward.default(grad, x, out, stats, idx, w1, b1, w2, b2, p, relu,
+                                        write_dres)
+
+
+def differentiable(x, w1, b1, w2, b2, p, residual, relu):
+    return _ops().spem.default(x, w1, b1, w2, b2, p, residual, relu)
+
+
+def _ops():
+    """torch.ops.spem_native, built and registered on first use (a caller may skip
+    is_available)."""
     _ensure_built()
-    return torch.ops.spem_native.spem_backward(grad, x, out, stats, idx, w1, b1, w2, b2, p,
-                                               relu, write_dres)
+    return torch.ops.spem_native

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
-CPU_SOURCES = ("spem_op.cpp", "spem_cpu.cpp")
+CPU_SOURCES = ("spem_op.cpp", "spem_cpu.cpp", "spem_autograd.cpp")
 HEADERS = ("spem_math.h", "spem_op.h")
 CUDA_SOURCES = ("spem_cuda.cpp", "spem_cuda.cu")
 CUDA_HEADERS = ("spem_cuda.h",)

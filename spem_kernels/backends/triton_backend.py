@@ -17,6 +17,7 @@ import triton.language as tl
 
 from . import backward_outputs, compute_dtype, forward_outputs
 
+NAME = "triton"
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
@@ -193,7 +194,7 @@ def _input_grads(G, g, dM, dm, i_max, i_min, d_base, e_base, hw, W, sd_h, sd_w, 
 def _spem_bwd_kernel(
     g_ptr, x_ptr, out_ptr, dx_ptr, dres_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, p_ptr,
     stats_ptr, idx_ptr, part_ptr,
-    C, W, HW, num_c_blocks,
+    C, W, HW, NC, num_c_blocks,
     sg_n, sg_c, sg_h, sg_w, sx_n, sx_c, sx_h, sx_w, so_n, so_c, so_h, so_w,
     sd_n, sd_c, sd_h, sd_w, se_n, se_c, se_h, se_w,
     RELU: tl.constexpr, WRITE_DRES: tl.constexpr, ACC: tl.constexpr, FLAT: tl.constexpr,
@@ -201,9 +202,10 @@ def _spem_bwd_kernel(
 ):
     """G = dL/dout (masked by out > 0 with relu); S = sum(G * y) over the plane;
     dZ = S s1 s2 (1 - s2), dU = S s1 s2 (1 - s1), dA = dU + dZ w1 q0, dB = dU + dZ w1 q1;
-    dy = G g + dA w2 at argmax + dB w2 at argmin; dresidual = G. Per (n, c) it stores
-    [dZ (q0 A + q1 B), dZ, dA M + dB m, dA + dB, dZ w1 w2 (M - m)], summed over n later
-    (the last is dq0 - dq1 = dZ w1 (A - B), formed without cancellation)."""
+    dy = G g + dA w2 at argmax + dB w2 at argmin; dresidual = G. Per (n, c) it stores the
+    partials [dZ (q0 A + q1 B), dZ, dA M + dB m, dA + dB, dZ w1 w2 (M - m)] as five (N, C)
+    planes, which _spem_param_grads_kernel sums (the last is dq0 - dq1 = dZ w1 (A - B),
+    formed without cancellation)."""
     pid = tl.program_id(0)
     n = (pid // num_c_blocks).to(tl.int64)
     c = (pid % num_c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -254,12 +256,68 @@ def _spem_bwd_kernel(
             _input_grads(G, g, dM, dm, i_max, i_min, d_base, e_base, hw, W, sd_h, sd_w, se_h,
                          se_w, mask, WRITE_DRES, FLAT)
 
-    part = part_ptr + (n * C + c) * 5
+    part = part_ptr + n * C + c
     tl.store(part, dZ * (q0 * A + q1 * B), mask=c_ok)
-    tl.store(part + 1, dZ, mask=c_ok)
-    tl.store(part + 2, dA * M + dB * m, mask=c_ok)
-    tl.store(part + 3, dA + dB, mask=c_ok)
-    tl.store(part + 4, dZ * w1 * w2 * (M - m), mask=c_ok)
+    tl.store(part + NC, dZ, mask=c_ok)
+    tl.store(part + 2 * NC, dA * M + dB * m, mask=c_ok)
+    tl.store(part + 3 * NC, dA + dB, mask=c_ok)
+    tl.store(part + 4 * NC, dZ * w1 * w2 * (M - m), mask=c_ok)
+
+
+@triton.jit
+def _sum_over_n(plane_ptr, N, C, c, c_ok, n0, ACC: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Per channel c, the sum over n of one (N, C) plane of partials, in a fixed order."""
+    total = tl.zeros(c.shape, ACC)
+    for start in range(0, N, BLOCK_N):
+        n = start + n0
+        mask = (n < N)[:, None] & c_ok[None, :]
+        total += tl.sum(tl.load(plane_ptr + n[:, None] * C + c[None, :], mask=mask, other=0),
+                        axis=0)
+    return total
+
+
+@triton.jit
+def _spem_param_grads_kernel(
+    part_ptr, p_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, dp_ptr, N, C, NC, num_c_blocks,
+    ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The parameter gradients from the backward kernel's partials (five (N, C) planes).
+
+    Programs 0 .. num_c_blocks - 1 each own BLOCK_C channels: dw1, db1, dw2, db2 are the first
+    four planes summed over n. The last program forms p's gradient: with D the fifth plane
+    summed over n and c, P = p0^2 + p1^2, dp0 = 2 p0 p1^2 D / P^2 and dp1 = -2 p1 p0^2 D / P^2.
+    Every sum runs in a fixed order: two runs give bitwise equal gradients."""
+    pid = tl.program_id(0)
+    n0 = tl.arange(0, BLOCK_N)
+    c0 = tl.arange(0, BLOCK_C)
+    if pid < num_c_blocks:
+        c = pid * BLOCK_C + c0
+        c_ok = c < C
+        _store_param_grad(dw1_ptr, c, c_ok, _sum_over_n(part_ptr, N, C, c, c_ok, n0, ACC, BLOCK_N))
+        _store_param_grad(db1_ptr, c, c_ok,
+                          _sum_over_n(part_ptr + NC, N, C, c, c_ok, n0, ACC, BLOCK_N))
+        _store_param_grad(dw2_ptr, c, c_ok,
+                          _sum_over_n(part_ptr + 2 * NC, N, C, c, c_ok, n0, ACC, BLOCK_N))
+        _store_param_grad(db2_ptr, c, c_ok,
+                          _sum_over_n(part_ptr + 3 * NC, N, C, c, c_ok, n0, ACC, BLOCK_N))
+    else:
+        D = tl.zeros([BLOCK_C], ACC)
+        for start in range(0, C, BLOCK_C):
+            c = start + c0
+            D += _sum_over_n(part_ptr + 4 * NC, N, C, c, c < C, n0, ACC, BLOCK_N)
+        D = tl.sum(D, axis=0)
+        p0 = tl.load(p_ptr).to(ACC)
+        p1 = tl.load(p_ptr + 1).to(ACC)
+        a = p0 * p0
+        b = p1 * p1
+        s = 2 * D / ((a + b) * (a + b))
+        tl.store(dp_ptr, (s * p0 * b).to(dp_ptr.dtype.element_ty))
+        tl.store(dp_ptr + 1, (-s * p1 * a).to(dp_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _store_param_grad(ptr, c, c_ok, value):
+    tl.store(ptr + c, value.to(ptr.dtype.element_ty), mask=c_ok)
 
 
 # Elements per program tile: NCHW planes share a program up to _TILE elements; a plane (or
@@ -293,16 +351,9 @@ def _flat(*tensors):
     return all(t.stride(2) == t.shape[3] * t.stride(3) or t.shape[2] == 1 for t in tensors)
 
 
-def _on_device(device):
-    """Triton launches on the current CUDA device: switch to x's when it differs."""
-    if device.type == "cuda" and device.index != torch.cuda.current_device():
-        return torch.cuda.device(device)
-    return contextlib.nullcontext()
-
-
 def fwd_launch(x, residual, out, w1, b1, w2, b2, p, stats, idx, relu):
     """(grid, args, meta) of the forward kernel for these tensors: the single place the
-    launch is described (tests/triton_aot.py compiles the same launches for sm_80/sm_90)."""
+    launch is described (scripts/triton_aot.py compiles the same launches for sm_80/sm_90)."""
     N, C, H, W = x.shape
     block_c, block_hw, one_pass, num_warps = _tiling(x)
     num_c_blocks = triton.cdiv(C, block_c)
@@ -322,30 +373,112 @@ def bwd_launch(grad, x, out, dx, dres, w1, b1, w2, b2, p, stats, idx, part, relu
     num_c_blocks = triton.cdiv(C, block_c)
     o = out if relu else x
     e = dres if write_dres else dx
-    args = (grad, x, o, dx, e, w1, b1, w2, b2, p, stats, idx, part, C, W, H * W, num_c_blocks,
-            *grad.stride(), *x.stride(), *o.stride(), *dx.stride(), *e.stride())
+    args = (grad, x, o, dx, e, w1, b1, w2, b2, p, stats, idx, part, C, W, H * W, N * C,
+            num_c_blocks, *grad.stride(), *x.stride(), *o.stride(), *dx.stride(), *e.stride())
     meta = dict(RELU=relu, WRITE_DRES=write_dres, ACC=_TL_DTYPE[compute_dtype(x.dtype)],
                 FLAT=_flat(grad, x, o, dx, e), ONE_PASS=one_pass, BLOCK_C=block_c,
                 BLOCK_HW=block_hw, num_warps=num_warps)
     return (N * num_c_blocks,), args, meta
 
 
+# The reduction's tile: BLOCK_C channels of BLOCK_N samples per step.
+_GRADS_BLOCK_N, _GRADS_BLOCK_C = 64, 32
+
+
+def grads_launch(part, p, dw1, db1, dw2, db2, dp):
+    """(grid, args, meta) of the parameter-gradient reduction over the partials (5, N, C)."""
+    N, C = part.shape[1:]
+    num_c_blocks = triton.cdiv(C, _GRADS_BLOCK_C)
+    args = (part, p, dw1, db1, dw2, db2, dp, N, C, N * C, num_c_blocks)
+    meta = dict(ACC=_TL_DTYPE[part.dtype], BLOCK_N=_GRADS_BLOCK_N, BLOCK_C=_GRADS_BLOCK_C,
+                num_warps=4)
+    return (num_c_blocks + 1,), args, meta
+
+
+# Triton versions whose launcher calling convention _Launcher follows; the environment
+# variable SPEM_KERNELS_TRITON_DIRECT_LAUNCH=0 turns it off.
+_DIRECT_LAUNCH = (not INTERPRET and triton.__version__.startswith("3.6.")
+                  and os.environ.get("SPEM_KERNELS_TRITON_DIRECT_LAUNCH", "1") != "0")
+
+
+class _Launcher:
+    """Launches a @triton.jit kernel, calling its compiled launcher directly where it can.
+
+    Triton's `kernel[grid](...)` re-derives on every call what the compiled kernel is
+    specialised on (tens of microseconds of Python at these sizes, as much as the GPU work).
+    Here the first launch of each specialisation goes through Triton, which compiles and
+    returns the compiled kernel; later launches with the same key call that kernel's launcher.
+    The key holds all that Triton 3.6 specialises on: the device, the constexprs and warps,
+    each tensor's dtype and 16-byte alignment, each integer's being 1, being a multiple of 16
+    and fitting in 32 bits. Other Triton versions, and the interpreter, use `kernel[grid]`.
+    """
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        if _DIRECT_LAUNCH:  # (the interpreter's kernels have no params)
+            self.constexprs = [p.name for p in kernel.params if p.is_constexpr]
+        self.compiled = {}
+
+    def __call__(self, grid, args, meta, device):
+        if not _DIRECT_LAUNCH:
+            self.kernel[grid](*args, **meta)
+            return
+        constants = tuple(meta[name] for name in self.constexprs)
+        key = (device.index, constants, meta["num_warps"], *map(_specialisation, args))
+        compiled = self.compiled.get(key)
+        if compiled is None:
+            self.compiled[key] = self.kernel[grid](*args, **meta)
+            return
+        stream = torch._C._cuda_getCurrentRawStream(device.index)
+        compiled.run(grid[0], 1, 1, stream, compiled.function, compiled.packed_metadata, None,
+                     None, None, *args, *constants)
+
+
+def _specialisation(arg):
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    return arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31
+
+
+_fwd_kernel = _Launcher(_spem_fwd_kernel)
+_bwd_kernel = _Launcher(_spem_bwd_kernel)
+_grads_kernel = _Launcher(_spem_param_grads_kernel)
+
+
+def _on_device(device):
+    """Triton launches on the current CUDA device: switch to x's when it differs."""
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def _dense(param):
+    """The parameter itself when its values are contiguous (the kernels index them by c)."""
+    return param if param.is_contiguous() else param.contiguous()
+
+
+differentiable = None  # ops.py wraps forward and backward in its autograd.Function
+
+
 def forward(x, w1, b1, w2, b2, p, residual, relu):
     out, stats, idx = forward_outputs(x)
     if out.numel() > 0:
-        grid, args, meta = fwd_launch(x, residual, out, w1, b1, w2, b2, p, stats, idx, relu)
+        grid, args, meta = fwd_launch(x, residual, out, *map(_dense, (w1, b1, w2, b2, p)),
+                                      stats, idx, relu)
         with _on_device(x.device):
-            _spem_fwd_kernel[grid](*args, **meta)
+            _fwd_kernel(grid, args, meta, x.device)
     return out, stats, idx
 
 
 def backward(grad, x, out, stats, idx, w1, b1, w2, b2, p, relu, write_dres):
-    dx, dres, _ = backward_outputs(x, write_dres)
-    part = x.new_empty((*x.shape[:2], 5), dtype=compute_dtype(x.dtype))
-    if dx.numel() > 0:
-        grid, args, meta = bwd_launch(grad, x, out, dx, dres, w1, b1, w2, b2, p, stats, idx,
-                                      part, relu, write_dres)
-        with _on_device(x.device):
-            _spem_bwd_kernel[grid](*args, **meta)
-    # A plain sum over n, not float atomics: two runs give bitwise equal gradients.
-    return dx, dres, part.sum(0)
+    dx, dres, *param_grads = backward_outputs(x, write_dres, (w1, b1, w2, b2, p))
+    params = tuple(map(_dense, (w1, b1, w2, b2, p)))
+    part = x.new_empty((5, *x.shape[:2]), dtype=compute_dtype(x.dtype))
+    with _on_device(x.device):
+        if dx.numel() > 0:
+            grid, args, meta = bwd_launch(grad, x, out, dx, dres, *params, stats, idx, part,
+                                          relu, write_dres)
+            _bwd_kernel(grid, args, meta, x.device)
+        grid, args, meta = grads_launch(part, params[4], *param_grads)
+        _grads_kernel(grid, args, meta, x.device)
+    return dx, dres, *param_grads

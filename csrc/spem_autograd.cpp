@@ -1,0 +1,97 @@
+// spem_native::spem, the differentiable op: the forward kernel, and the backward kernel as its
+// gradient, wired in C++. A Python autograd.Function costs tens of microseconds of host time
+// per call (the Python forward and backward, unpacking the saved tensors); here a call is one
+// dispatch and the backward runs no Python at all. The formula is ops.py's `_gradients`: the
+// backward kernel gives every gradient in its final form, only the residual's is chosen here.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include "spem_op.h"
+
+namespace spem_native {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+ForwardResult call_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                           const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& p,
+                           const std::optional<at::Tensor>& residual, bool relu) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("spem_native::spem_forward", "")
+          .typed<ForwardResult(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                               const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                               const std::optional<at::Tensor>&, bool)>();
+  return op.call(x, w1, b1, w2, b2, p, residual, relu);
+}
+
+BackwardResult call_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& out,
+                             const at::Tensor& stats, const at::Tensor& idx,
+                             const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                             const at::Tensor& b2, const at::Tensor& p, bool relu,
+                             bool write_dres) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("spem_native::spem_backward", "")
+          .typed<BackwardResult(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const at::Tensor&, bool, bool)>();
+  return op.call(grad, x, out, stats, idx, w1, b1, w2, b2, p, relu, write_dres);
+}
+
+class SpemFunction : public torch::autograd::Function<SpemFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w1,
+                            const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+                            const at::Tensor& p, const std::optional<at::Tensor>& residual,
+                            bool relu) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [out, stats, idx] = call_forward(x, w1, b1, w2, b2, p, residual, relu);
+    // The ReLU mask is read off the output: no full-size mask is kept.
+    ctx->save_for_backward({x, relu ? out : at::Tensor(), stats, idx, w1, b1, w2, b2, p});
+    ctx->saved_data["relu"] = relu;
+    ctx->saved_data["has_residual"] = residual.has_value();
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const variable_list s = ctx->get_saved_variables();
+    const bool relu = ctx->saved_data["relu"].toBool();
+    const bool has_residual = ctx->saved_data["has_residual"].toBool();
+    const at::Tensor& grad = grads[0];
+    auto [dx, dres, dw1, db1, dw2, db2, dp] = call_backward(
+        grad, s[0], relu ? s[1] : s[0], s[2], s[3], s[4], s[5], s[6], s[7], s[8], relu,
+        has_residual && relu);
+    // Without the ReLU the residual's gradient is dL/dout itself.
+    const at::Tensor dresidual = !has_residual ? at::Tensor() : relu ? dres : grad;
+    return {dx, dw1, db1, dw2, db2, dp, dresidual, at::Tensor()};
+  }
+};
+
+at::Tensor spem_autograd(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                         const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& p,
+                         const std::optional<at::Tensor>& residual, bool relu) {
+  return SpemFunction::apply(x, w1, b1, w2, b2, p, residual, relu);
+}
+
+// Without autograd (inference mode): the forward alone.
+at::Tensor spem_inference(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                          const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& p,
+                          const std::optional<at::Tensor>& residual, bool relu) {
+  return std::get<0>(call_forward(x, w1, b1, w2, b2, p, residual, relu));
+}
+
+}  // namespace
+}  // namespace spem_native
+
+TORCH_LIBRARY_IMPL(spem_native, Autograd, m) {
+  m.impl("spem", &spem_native::spem_autograd);
+}
+
+TORCH_LIBRARY_IMPL(spem_native, CompositeExplicitAutograd, m) {
+  m.impl("spem", &spem_native::spem_inference);
+}

@@ -1,0 +1,81 @@
+"""The host cost of one fused call stays at its floor.
+
+On a GPU at ResNet-164 sizes the host, not the GPU, sets the pace: every operation a call
+dispatches costs microseconds of Python and dispatcher time, and one made on the host (a
+`new_tensor`, a CPU scalar) also breaks CUDA graph capture. A TorchDispatchMode sees every
+operation that reaches the dispatcher; these tests count what one forward + backward of
+the block tail dispatches and fail above the budget.
+"""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from spem_kernels import spem
+from spem_kernels.backends import triton_backend, unavailable_reason
+
+# What autograd itself dispatches around any op that saves tensors (plain relu(x + r)
+# dispatches these two too): a detach when saving, one when the backward unpacks.
+AUTOGRAD_OPS = {"aten.detach.default"}
+BUDGET = 8  # operations per fused forward + backward (before the host-cost work: 38)
+ALLOCATIONS = {"aten.empty_like.default", "aten.new_empty.default", "aten.empty.memory_format"}
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def forward_backward_ops(backend):
+    """(forward ops, backward ops) of one block-tail call at a ResNet-164 stage-3 plane."""
+    N, C, H, W = 2, 64, 8, 8
+    x, residual = (torch.randn(N, C, H, W, requires_grad=True) for _ in range(2))
+    params = [torch.randn(1, C, 1, 1, requires_grad=True) for _ in range(4)]
+    params.append(torch.randn(2, requires_grad=True))
+    leaves = [x, *params, residual]
+    grad_out = torch.randn(N, C, H, W)
+    spem(x, *params, residual, relu=True, backend=backend)  # first call: resolves the backend
+    with _Recorder() as fwd:
+        out = spem(x, *params, residual, relu=True, backend=backend)
+    with _Recorder() as bwd:
+        grads = torch.autograd.grad(out, leaves, grad_out)
+    assert len(grads) == len(leaves) and all(g is not None for g in grads)
+    return fwd.ops, bwd.ops
+
+
+@pytest.mark.skipif(unavailable_reason("native", "cpu") is not None,
+                    reason=str(unavailable_reason("native", "cpu")))
+def test_native_call_is_one_operation_each_way():
+    """The native path ("auto" on CPU and CUDA): the forward kernel, the backward kernel
+    (which also forms every parameter gradient in its final shape), and autograd's own."""
+    fwd, bwd = forward_backward_ops("native")
+    assert len(fwd) + len(bwd) <= BUDGET, (fwd, bwd)
+    assert [op for op in fwd if op not in AUTOGRAD_OPS] == ["spem_native.spem_forward.default"]
+    assert [op for op in bwd if op not in AUTOGRAD_OPS] == ["spem_native.spem_backward.default"]
+
+
+# Triton's Python launch dispatches nothing, but the backend allocates its outputs from Python:
+# the forward's out, stats and positions; the backward's dx, dresidual, the partials and the
+# five parameter gradients (each in its parameter's shape and dtype).
+TRITON_ALLOCATIONS = 3 + 8
+
+
+@pytest.mark.skipif(unavailable_reason("triton", "cpu") is not None,
+                    reason=str(unavailable_reason("triton", "cpu")))
+def test_triton_call_allocates_and_launches_only(monkeypatch):
+    """The Triton path: allocations only (no compute op, no host-made tensor), one kernel
+    launch forward and two backward. The launches are recorded rather than run: on CPU the
+    interpreter would run them, dispatching many operations a GPU launch does not."""
+    launches = []
+    monkeypatch.setattr(triton_backend._Launcher, "__call__",
+                        lambda self, grid, args, meta, device: launches.append(self))
+    fwd, bwd = forward_backward_ops("triton")
+    assert launches == [triton_backend._fwd_kernel, triton_backend._fwd_kernel,
+                        triton_backend._bwd_kernel, triton_backend._grads_kernel]
+    allocations = [op for op in fwd + bwd if op not in AUTOGRAD_OPS]
+    assert set(allocations) <= ALLOCATIONS, allocations
+    assert len(allocations) <= TRITON_ALLOCATIONS, allocations
