@@ -3,12 +3,17 @@
 On CUDA the cases run at the full ResNet-164 batch; on CPU at a tiny batch with few rounds,
 so that `pytest benchmarks --benchmark-disable` (the CI slice in test.sh) checks every case
 runs in seconds. Triton is timed only on CUDA: on CPU it is an interpreter.
+
+pytest-benchmark keeps its own clock and statistics (so that its --benchmark-compare and
+--benchmark-save work); what it times is the report's rotation among input sets, each call
+synchronised with the device. The report (report.py) uses spem_kernels.timing.
 """
 import pytest
 import torch
 
-from benchmarks.cases import FULL_BATCH
 from spem_kernels.backends import compiled_backends
+from spem_kernels.cases import FULL_BATCH
+from spem_kernels.timing import rotation, synchronize
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
@@ -20,17 +25,14 @@ IMPLS = ["eager"] + compiled_backends(DEVICE)
 
 @pytest.fixture
 def run_timed(benchmark):
-    """Time fns (rotating among them) with pytest-benchmark; returns the last call's result.
-
-    CUDA work is synchronized inside the timed function, so each round is the whole call.
-    """
-    def timed(fns):
-        calls = iter(range(1 << 62))
+    """Time calls (rotating among them) with pytest-benchmark; returns the last call's
+    result. Each round is a whole call: its device work is waited for."""
+    def timed(calls):
+        run = rotation(calls)
 
         def once():
-            result = fns[next(calls) % len(fns)]()
-            if ON_GPU:
-                torch.cuda.synchronize()
+            result = run()
+            synchronize(DEVICE)
             return result
 
         return benchmark.pedantic(once, rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS,

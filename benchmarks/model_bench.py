@@ -1,29 +1,47 @@
-"""Model-level rows: CIFAR ResNet-164 training steps per second and peak memory.
+"""Model-level rows: CIFAR ResNet-164 training steps, and their extra activation memory.
+
+A step is forward, cross-entropy + ALPHA * spem_penalty(), backward and an SGD step
+(momentum 0.9, weight decay 1e-4) on synthetic data on the device. Variants: the plain
+network, eager SPEM (the reference, op by op) and fused SPEM ("auto": the first compiled
+backend), in each precision: fp32 NCHW, or bf16 autocast with model and input in
+channels_last. Modes: "eager" (steps called from Python), "graph" (CUDA only: the whole
+step captured once in a CUDA graph and replayed) and "compile" (torch.compile(model);
+its first step, compilation included, is reported as compile_s).
 
 Run by report.py in fresh processes (`python -m benchmarks.model_bench ...`, one JSON line
 on stdout):
-- `time`: every variant in one process, timed in interleaved rounds (plain, eager, fused,
-  plain, ...) and the median round kept, so that a burst of load on a shared machine
-  hits all variants alike instead of one;
-- `memory`: one variant per process, so one variant's freed memory cannot hide the
-  next one's peak.
+- `time`: the variants in one precision and mode, in one process (so that a capture or
+  compile that goes wrong spoils no other mode's rows), timed in interleaved rounds
+  (spem_kernels.timing.time_interleaved) and the median round kept;
+- `memory`: one variant and precision per process (so that one variant's freed memory
+  cannot hide the next one's peak), eager mode. CUDA: peak allocated during a step minus
+  allocated before it (after a first step has made the gradients and momentum buffers).
+  CPU: peak RSS growth over the first steps.
 """
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
 
+from spem_kernels import available_backends
+from spem_kernels.models import cifar_resnet
+from spem_kernels.timing import capture, synchronize, time_interleaved
+
 # (label, attention, backend) of the rows.
 VARIANTS = (("plain", "none", "auto"), ("eager SPEM", "spem", "eager"),
             ("fused SPEM", "spem", "auto"))
+# precision: (autocast dtype or None, memory format of model and input)
+PRECISIONS = {"fp32": (None, torch.contiguous_format),
+              "bf16": (torch.bfloat16, torch.channels_last)}
+MODES = ("eager", "graph", "compile")
 ALPHA = 0.1  # weight of the SPEM regulariser in the loss (SPEM.md)
-MEMORY_STEPS = 2  # the peak of a step is reached in the first; the second shows it holds
+MEMORY_STEPS = 2  # CPU: the peak of a step is reached in the first; the second shows it holds
 
 
 def _proc_status_bytes(field):
@@ -36,70 +54,104 @@ def _proc_status_bytes(field):
     return int(kib) * 1024
 
 
-def _trainer(attention, backend, device, batch):
-    """A function that runs one training step (forward, backward, SGD) on synthetic data."""
-    from spem_kernels.models import cifar_resnet
-
+def training_step(attention, backend, precision, device, batch, depth, compile=False):
+    """A function that runs one training step on fixed synthetic data (the static inputs a
+    captured step needs)."""
     torch.manual_seed(0)
-    model = cifar_resnet(depth=164, num_classes=10, block_name="bottleneck",
-                         attention=attention, backend=backend).to(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # what a CIFAR trainer sets; warm-up tunes it
+    amp_dtype, memory_format = PRECISIONS[precision]
+    model = cifar_resnet(depth=depth, num_classes=10, block_name="bottleneck",
+                         attention=attention, backend=backend)
+    model = model.to(device, memory_format=memory_format)
+    if compile:
+        # Load the backends first (a first-use check of the native build: file stats and
+        # hashes): traced by dynamo inside the model, that loading would break the graph.
+        available_backends(device)
+    net = torch.compile(model) if compile else model
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    images = torch.randn(batch, 3, 32, 32, device=device)
+    images = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
     labels = torch.randint(0, 10, (batch,), device=device)
+    # cache_enabled=False: autocast's cast cache must not outlive a graph capture
+    autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                              enabled=amp_dtype is not None, cache_enabled=False)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(images), labels) + ALPHA * model.spem_penalty()
+        with autocast:
+            loss = F.cross_entropy(net(images), labels) + ALPHA * model.spem_penalty()
         loss.backward()
         opt.step()
 
     return step
 
 
-def _sync(device):
+def _ready_step(attention, backend, precision, mode, device, batch, depth, warmup):
+    """(the call to time, extra figures) of one variant in `mode`, warmed up."""
+    step = training_step(attention, backend, precision, device, batch, depth,
+                         compile=mode == "compile")
+    extra = {}
+    if mode == "compile":
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        extra["compile_s"] = time.perf_counter() - start
+    if mode == "graph":
+        # the warm-up steps run on capture's side stream; replay holds the model and data
+        return capture(step, warmup).replay, extra
+    for _ in range(warmup):
+        step()
+    return step, extra
+
+
+def _reason(e):
+    first_line = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first_line[:200]}"
+
+
+def time_steps(labels, precision, mode, device, batch, depth, steps, rounds, warmup):
+    """{label: {"ms_per_step", "q25_ms", "q75_ms"[, "compile_s"]} or {"error"}}: each
+    variant built and warmed up, then all timed in interleaved rounds of `steps` steps
+    (a round's figure: its median step; the variant's: its median round)."""
+    device = torch.device(device)
+    results, workloads = {}, {}
+    for label, attention, backend in VARIANTS:
+        if label in labels:
+            try:
+                call, results[label] = _ready_step(attention, backend, precision, mode, device,
+                                                   batch, depth, warmup)
+                workloads[label] = [call]
+            except Exception as e:  # a variant that fails (a capture, a compile) is a row's n/a
+                results[label] = {"error": _reason(e)}
+    # One more untimed step each once all are built: building and compiling one variant can
+    # invalidate what dynamo compiled for another (guards on shared code), and the
+    # recompilation belongs in no timed round.
+    timed = time_interleaved(workloads, device, rounds=rounds, reps=steps, warmup=1)
+    for label, t in timed.items():
+        results[label].update(ms_per_step=t.median_ms, q25_ms=t.q25_ms, q75_ms=t.q75_ms)
+    return results
+
+
+def activation_memory(attention, backend, precision, device, batch, depth):
+    """{"activation_mb", "memory_method"} of a training step in eager mode."""
+    device = torch.device(device)
+    step = training_step(attention, backend, precision, device, batch, depth)
     if device.type == "cuda":
+        step()  # gradients and momentum buffers exist from here on: they are not activations
         torch.cuda.synchronize(device)
-
-
-def time_variants(variants, device, batch, steps, rounds, warmup):
-    """{label: {"steps_per_s" (median round), "round_steps_per_s"}} for (label, attention,
-    backend) in variants."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # what a CIFAR trainer sets; warm-up tunes it
-    steppers = {label: _trainer(att, be, device, batch) for label, att, be in variants}
-    for step in steppers.values():
-        for _ in range(warmup):
-            step()
-    rates = {label: [] for label in steppers}
-    for _ in range(rounds):
-        for label, step in steppers.items():
-            _sync(device)
-            start = time.perf_counter()
-            for _ in range(steps):
-                step()
-            _sync(device)
-            rates[label].append(steps / (time.perf_counter() - start))
-    return {label: {"steps_per_s": statistics.median(r), "round_steps_per_s": r}
-            for label, r in rates.items()}
-
-
-def peak_memory(attention, backend, device, batch):
-    """{"peak_mem_mb", "memory_method"} over MEMORY_STEPS training steps."""
-    device = torch.device(device)
-    step = _trainer(attention, backend, device, batch)
-    rss_before = _proc_status_bytes("VmRSS")
-    if device.type == "cuda":
+        before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return {"activation_mb": (torch.cuda.max_memory_allocated(device) - before) / 2**20,
+                "memory_method": "peak allocated during a step minus allocated before it "
+                                 "(torch.cuda.max_memory_allocated), after one step"}
+    rss_before = _proc_status_bytes("VmRSS")
     for _ in range(MEMORY_STEPS):
         step()
-    _sync(device)
-    if device.type == "cuda":
-        return {"peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20,
-                "memory_method": "torch.cuda.max_memory_allocated"}
-    return {"peak_mem_mb": (_proc_status_bytes("VmHWM") - rss_before) / 2**20,
-            "memory_method": "peak RSS growth over the steps (VmHWM - VmRSS before them), "
-                             "fresh process, MALLOC_MMAP_THRESHOLD_=65536"}
+    return {"activation_mb": (_proc_status_bytes("VmHWM") - rss_before) / 2**20,
+            "memory_method": f"peak RSS growth over the first {MEMORY_STEPS} steps (VmHWM - "
+                             "VmRSS before them), fresh process, MALLOC_MMAP_THRESHOLD_=65536"}
 
 
 # glibc keeps freed blocks resident at random (repeated runs differ by 20%); returning every
@@ -124,47 +176,68 @@ def run(args, extra_env=None, timeout_s=1800):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measure(labels, device, batch, steps, rounds, warmup):
-    """Rows for the VARIANTS named in labels: rates from one `time` process, peaks from one
-    `memory` process each."""
-    common = ["--device", device, "--batch", batch]
-    timed = run(["time", *common, "--labels", ",".join(labels), "--steps", steps,
-                 "--rounds", rounds, "--warmup", warmup])
+def measure_time(labels, precision, mode, device, batch, depth, steps, rounds, warmup):
+    """Rows of the VARIANTS named in labels, in one precision and mode, from one `time`
+    process."""
+    timed = run(["time", "--device", device, "--batch", batch, "--depth", depth,
+                 "--precision", precision, "--mode", mode, "--labels", ",".join(labels),
+                 "--steps", steps, "--rounds", rounds, "--warmup", warmup])
     rows = []
     for label, attention, backend in VARIANTS:
-        if label not in labels:
-            continue
-        row = {"label": label, "attention": attention, "backend": backend, "batch": batch,
-               "steps": steps, "rounds": rounds, "error": timed.get("error")}
-        if row["error"] is None:
-            row.update(timed[label])
-            memory = run(["memory", *common, "--attention", attention, "--backend", backend],
-                         _MEMORY_ENV if torch.device(device).type == "cpu" else None)
-            row.update(memory)
-            row["error"] = memory.get("error")
-        rows.append(row)
+        if label in labels:
+            row = {"label": label, "attention": attention, "backend": backend,
+                   "precision": precision, "mode": mode, "depth": depth, "batch": batch,
+                   "steps": steps, "rounds": rounds, "error": timed.get("error")}
+            row.update(timed.get(label, {}))
+            rows.append(row)
     return rows
 
 
-def main():
+def measure_memory(keys, device, batch, depth):
+    """{(label, precision): {"activation_mb", "memory_method"} or {"error"}}, one `memory`
+    process per key. Each measures its own process alone, so on a GPU they run at once; on
+    CPU one at a time (they compete for the cores, and threads waiting on busy cores are
+    slow to finish)."""
+    variants = {label: (attention, backend) for label, attention, backend in VARIANTS}
+    on_cpu = torch.device(device).type == "cpu"
+    env = _MEMORY_ENV if on_cpu else None
+
+    def one(key):
+        label, precision = key
+        attention, backend = variants[label]
+        return run(["memory", "--device", device, "--batch", batch, "--depth", depth,
+                    "--precision", precision, "--attention", attention, "--backend", backend],
+                   env)
+
+    with ThreadPoolExecutor(max_workers=1 if on_cpu else max(1, len(keys))) as pool:
+        return dict(zip(keys, pool.map(one, keys)))
+
+
+def main(argv=None):
+    """The command line of the processes `run` starts; prints the result as one JSON line
+    and returns it."""
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("mode", choices=("time", "memory"))
+    ap.add_argument("task", choices=("time", "memory"))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--depth", type=int, default=164, help="ResNet depth, 9n + 2")
+    ap.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32")
     ap.add_argument("--labels", default=",".join(v[0] for v in VARIANTS), help="time: which")
+    ap.add_argument("--mode", choices=MODES, default="eager", help="time: how steps run")
     ap.add_argument("--steps", type=int, default=20, help="time: steps per round")
     ap.add_argument("--rounds", type=int, default=3, help="time: interleaved rounds")
     ap.add_argument("--warmup", type=int, default=3, help="time: untimed steps per variant")
     ap.add_argument("--attention", choices=("none", "spem"), help="memory: the variant")
     ap.add_argument("--backend", default="auto", help="memory: the variant")
-    a = ap.parse_args()
-    if a.mode == "time":
-        labels = a.labels.split(",")
-        result = time_variants([v for v in VARIANTS if v[0] in labels], a.device, a.batch,
-                               a.steps, a.rounds, a.warmup)
+    a = ap.parse_args(argv)
+    if a.task == "time":
+        result = time_steps(a.labels.split(","), a.precision, a.mode, a.device, a.batch,
+                            a.depth, a.steps, a.rounds, a.warmup)
     else:
-        result = peak_memory(a.attention, a.backend, a.device, a.batch)
+        result = activation_memory(a.attention, a.backend, a.precision, a.device, a.batch,
+                                   a.depth)
     print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":

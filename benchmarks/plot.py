@@ -1,5 +1,6 @@
-"""The report's PNG: achieved GB/s per implementation for each stage shape and direction,
-against the measured copy bandwidth, and the model-level bars."""
+"""The report's PNG: op GB/s from Python and GPU-only per implementation, for each stage
+shape and direction, against the measured copy bandwidth; model step times per variant,
+precision and mode, and the extra activation memory."""
 import textwrap
 
 import matplotlib
@@ -8,80 +9,111 @@ matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 
 COLORS = {"eager": "#9e9e9e", "compile": "#5c8fd6", "triton": "#e07b39", "native": "#3fa34d"}
+VARIANT_COLORS = {"plain": "#9e9e9e", "eager SPEM": "#c77dba", "fused SPEM": "#3fa34d"}
 
 
-def _cases(ops, key):
-    return list(dict.fromkeys(r[key] for r in ops))
+def _unique(rows, key):
+    return list(dict.fromkeys(key(r) for r in rows))
+
+
+def _value(cell, key):
+    return cell.get(key) if cell else None
 
 
 def _op_axes(ax, rows, impls, groups, copy_gbps):
-    top = max([copy_gbps] + [r["gb_per_s"] for r in rows if not r["error"]])
+    """Per implementation: a pale bar for GPU-only GB/s, a solid narrower one from Python."""
     width = 0.8 / len(impls)
+    top = copy_gbps
     for i, impl in enumerate(impls):
         for j, group in enumerate(groups):
             row = next((r for r in rows if r["impl"] == impl
                         and (r["dtype"], r["layout"]) == group), None)
             x = j + (i - (len(impls) - 1) / 2) * width
-            if row is None or row["error"]:
+            python_gbps = _value(row and row["python"], "gb_per_s")
+            gpu_gbps = _value(row and row["graph"], "gb_per_s")
+            if python_gbps is None:
                 ax.text(x, 0, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
                 continue
-            ax.bar(x, row["gb_per_s"], width, color=COLORS.get(impl, "k"),
-                   label=impl if j == 0 else None)
-            ax.text(x, row["gb_per_s"], f"{row['median_ms']:.3g} ms", ha="center",
-                    va="bottom", fontsize=6.5, rotation=90)
+            color = COLORS.get(impl, "k")
+            if gpu_gbps is not None:
+                ax.bar(x, gpu_gbps, width, color=color, alpha=0.35)
+            ax.bar(x, python_gbps, width * 0.6, color=color, label=impl if j == 0 else None)
+            label = f"{row['python']['median_ms']:.3g}"
+            if gpu_gbps is not None:
+                label += f" / {row['graph']['median_ms']:.3g}"
+            height = max(python_gbps, gpu_gbps or 0)
+            top = max(top, height)
+            ax.text(x, height, label + " ms", ha="center", va="bottom", fontsize=6, rotation=90)
     ax.axhline(copy_gbps, color="k", ls="--", lw=1, label="copy bandwidth")
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels([f"{d}\n{l}" for d, l in groups], fontsize=8)
-    ax.set_ylim(0, top * 1.35)  # room for the time labels above the bars
+    ax.set_ylim(0, top * 1.45)  # room for the time labels above the bars
     ax.set_ylabel("GB/s (bytes that must move / median time)", fontsize=8)
 
 
-def _model_axes(ax_rate, ax_mem, models, min_ratio):
-    ok = [r for r in models if not r["error"]]
-    labels = [r["label"] + (f"\n({r['resolved_backend']})" if r.get("resolved_backend") else "")
-              for r in ok]
-    colors = ["#9e9e9e", "#c77dba", "#3fa34d"][:len(ok)]
-    for ax, key, title in ((ax_rate, "steps_per_s", "training steps/s (higher is better)"),
-                           (ax_mem, "peak_mem_mb", "peak memory, MB (lower is better)")):
-        values = [r[key] for r in ok]
-        ax.bar(range(len(ok)), values, color=colors)
-        for i, v in enumerate(values):
-            ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=8)
-        ax.set_xticks(range(len(ok)))
-        ax.set_xticklabels(labels, fontsize=8)
-        ax.set_title(f"ResNet-164, batch {models[0]['batch']}: {title}", fontsize=9)
-        ax.set_ylim(0, max(values, default=1) * 1.2)
-    if ok and ok[0]["label"] == "plain":
-        ax_rate.axhline(ok[0]["steps_per_s"] * min_ratio, color="k", ls="--", lw=1)
-        ax_rate.text(-0.45, ok[0]["steps_per_s"] * min_ratio, f"target: {min_ratio:.0%} of plain",
-                     ha="left", va="bottom", fontsize=8, backgroundcolor="white")
+def _model_axes(ax_time, ax_mem, models):
+    """Step time per (precision, mode) and activation memory per precision, bars per variant."""
+    variants = _unique(models, lambda r: r["label"])
+    width = 0.8 / len(variants)
+    panels = (  # axes, rows, group of a row, value, its label, title
+        (ax_time, models, lambda r: (r["precision"], r["mode"]), lambda r: r.get("ms_per_step"),
+         lambda r, v: f"{r['x_plain']:.2f}x" if r.get("x_plain") else "",
+         "ms per training step (labels: x plain)"),
+        (ax_mem, [r for r in models if r["mode"] == "eager"], lambda r: (r["precision"],),
+         lambda r: r.get("memory", {}).get("activation_mb"), lambda r, v: f"{v:.0f}",
+         "extra activation memory, MiB (eager mode)"))
+    for ax, rows, group_of, value_of, label_of, title in panels:
+        groups = _unique(rows, group_of)
+        for i, variant in enumerate(variants):
+            for j, group in enumerate(groups):
+                row = next((r for r in rows if r["label"] == variant and group_of(r) == group),
+                           None)
+                x = j + (i - (len(variants) - 1) / 2) * width
+                v = value_of(row) if row else None
+                if v is None:
+                    ax.text(x, 0, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
+                    continue
+                ax.bar(x, v, width, color=VARIANT_COLORS.get(variant, "k"),
+                       label=variant if j == 0 else None)
+                ax.text(x, v, label_of(row, v), ha="center", va="bottom", fontsize=6.5,
+                        rotation=90)
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels(["\n".join(g) for g in groups], fontsize=8)
+        ax.set_title(f"ResNet-{models[0]['depth']}, batch {models[0]['batch']}: {title}",
+                     fontsize=9)
+        ax.margins(y=0.25)
+    ax_time.legend(fontsize=8, loc="upper left")
 
 
 def _notes(ax, result):
     """What the panels show, how the machine was, and the target verdicts."""
     meta, s = result["meta"], result["summary"]
-    memory = next((r["memory_method"] for r in result["model"] if r.get("memory_method")), "")
-    lines = [f"targets: {s['passed']}/{s['checked']} PASS"
-             + (" (op targets apply on GPU only)" if meta["device_type"] != "cuda" else "")]
-    lines += s["misses"][:8]
-    lines += ["", "bars: GB/s = bytes that must move / median time",
-              "labels: median time per call; dashed: measured copy",
+    memory = next((r["memory"]["memory_method"] for r in result["model"]
+                   if "memory_method" in r.get("memory", {})), "")
+    lines = [f"targets: {s['passed']}/{s['checked']} PASS"]
+    lines += [textwrap.shorten(m, 60) for m in s["misses"][:8]]
+    lines += ["", "op bars: GB/s = bytes that must move / median",
+              "solid: from Python; pale: GPU-only (graph replay)",
+              "labels: ms from Python / GPU-only; dashed: copy",
               "bandwidth (read + write of a large tensor)",
+              "model: fused SPEM = " + next((r["resolved_backend"] for r in result["model"]
+                                            if r.get("resolved_backend")), "n/a"),
               f"load average: {meta['load_avg_start'][0]:.2f} at start, "
               f"{meta['load_avg_end'][0]:.2f} at end"]
     lines += textwrap.wrap(f"memory: {memory}", 52)
     ax.axis("off")
-    ax.text(0, 1, "\n".join(lines), va="top", fontsize=9, family="monospace")
+    ax.text(0, 1, "\n".join(lines), va="top", fontsize=8, family="monospace")
 
 
 def write(result, path):
     ops, models, meta = result["ops"], result["model"], result["meta"]
-    stages, directions = _cases(ops, "stage"), _cases(ops, "direction")
-    impls = _cases(ops, "impl")
-    groups = list(dict.fromkeys((r["dtype"], r["layout"]) for r in ops))
+    stages, directions = _unique(ops, lambda r: r["stage"]), _unique(ops, lambda r: r["direction"])
+    impls = _unique(ops, lambda r: r["impl"])
+    groups = _unique(ops, lambda r: (r["dtype"], r["layout"]))
     nrows = len(directions) + (1 if models else 0)
     ncols = max(len(stages), 3 if models else 1)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(max(6 * ncols, 10), 4.2 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(6 * ncols, 10), 4.4 * nrows),
+                             squeeze=False)
     copy_gbps = result["copy_bandwidth"]["gb_per_s"]
     for i, direction in enumerate(directions):
         for j, stage in enumerate(stages):
@@ -91,10 +123,11 @@ def write(result, path):
             axes[i][j].set_title(f"{stage} {shape}: {direction}", fontsize=10)
         for j in range(len(stages), ncols):
             axes[i][j].axis("off")
-    axes[0][0].legend(fontsize=8, loc="upper left", ncol=2)
+    if ops:
+        axes[0][0].legend(fontsize=8, loc="upper left", ncol=2)
     if models:
         bottom = axes[-1]
-        _model_axes(bottom[0], bottom[1], models, result["targets"]["min_model_vs_plain"])
+        _model_axes(bottom[0], bottom[1], models)
         _notes(bottom[2], result)
         for ax in bottom[3:]:
             ax.axis("off")

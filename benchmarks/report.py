@@ -1,13 +1,20 @@
-"""Performance report of the SPEM block tail: every implementation side by side, in one run.
+"""Performance report of the SPEM block tail: where the time goes, every implementation side
+by side, in one run.
 
     ./bench.sh [options]            (or: python -m benchmarks.report [options])
 
-For each ResNet-164 stage shape, dtype and memory format it times forward and
+Op rows: for each ResNet-164 stage shape, dtype and memory format, forward and
 forward+backward of relu(g * x + residual) for eager (spem_reference), torch.compile of
-spem_reference, and each fused backend; it counts the bytes that must move, the achieved
-GB/s against the device's measured copy bandwidth, and speedups. A model-level row times
-ResNet-164 training steps. Writes <out-dir>/<device>.json (every figure) and .png, and
-prints the table last. Targets (GPU op rows, model rows) are checked and summarised.
+spem_reference and each fused backend, timed two ways: as called from Python (host cost
+included) and, on a GPU, GPU-only (the same call captured in a CUDA graph and replayed);
+each with the bytes that must move, the achieved GB/s and its share of the device's copy
+bandwidth, and speedups over eager and torch.compile (from Python).
+Model rows: ResNet-164 training steps, plain / eager SPEM / fused SPEM, in eager mode and
+(GPU) captured in a CUDA graph, in fp32 NCHW and (GPU) bf16 autocast + channels_last, with
+the extra activation memory of each; with --model-compile also torch.compile(model), with
+its compile time. Writes <out-dir>/<device>.json (after every case, so a run cut short
+keeps what it measured) and .png, prints the table last, and marks the targets PASS/MISS.
+Timers: spem_kernels.timing; cases: spem_kernels.cases.
 """
 import argparse
 import datetime
@@ -26,23 +33,38 @@ import torch
 
 from spem_kernels import spem_reference
 from spem_kernels.backends import NAMES as BACKENDS, compiled_backends, unavailable_reason
+from spem_kernels.cases import (DIRECTIONS, DTYPES, FULL_BATCH, LAYOUTS, STAGES,
+                                block_tail_call, block_tail_inputs, block_tail_op, stage_shape)
+from spem_kernels.timing import copy_bandwidth, synchronize, time_calls, time_replays
 
 from . import model_bench, plot
-from .cases import (DIRECTIONS, DTYPES, FULL_BATCH, LAYOUTS, STAGES, bytes_moved,
-                    make_inputs, op_for, step_fn)
-from .timing import copy_bandwidth, measure
 
-# Op targets, for fused fwd+bwd on a GPU; model target: fused steps/s >= this x plain.
-MIN_FRAC_COPY, MIN_VS_COMPILE, MIN_VS_EAGER = 0.8, 1.5, 5.0
-MIN_MODEL_RATIO = 0.9
+# Targets. Model: fused / plain step time at the batch below, per mode (GPU: fp32 and bf16;
+# CPU: eager mode, fp32). Op (GPU, fused fwd+bwd): GPU-only share of the copy bandwidth per
+# stage, and speedups from Python over eager and over torch.compile(eager).
+MODEL_MAX_RATIO = {"eager": 1.10, "graph": 1.05}
+MODEL_TARGET_BATCH = {"cuda": 128, "cpu": 16}
+OP_MIN_FRAC_COPY = {"stage1": 0.8, "stage2": 0.8, "stage3": 0.6}
+OP_MIN_VS_EAGER, OP_MIN_VS_COMPILE = 5.0, 1.5
 ROTATE_BYTES = 256 * 2**20  # input sets per case are rotated until they span this much
+# Model options whose defaults depend on the device (bf16 and graphs are GPU rows).
+DEVICE_DEFAULTS = {"cuda": {"model_batch": 128, "model_precisions": "fp32,bf16",
+                            "model_steps": 20, "model_warmup": 5},
+                   "cpu": {"model_batch": 16, "model_precisions": "fp32", "model_steps": 5,
+                           "model_warmup": 2}}
+QUICK = {"batch": 16, "min_time": 0.05, "model_batch": 8, "model_steps": 1, "model_rounds": 2,
+         "model_warmup": 1}
+
+
+def _per_device(name):
+    return "default: " + ", ".join(f"{v[name]} on {d}" for d, v in DEVICE_DEFAULTS.items())
 
 
 def parse_args(argv):
-    cuda = torch.cuda.is_available()
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if cuda else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cuda or cpu (default: cuda where there is a GPU)")
     ap.add_argument("--batch", type=int, default=FULL_BATCH, help="op batch (default 128)")
     ap.add_argument("--stages", default=",".join(STAGES), help="subset of " + ",".join(STAGES))
     ap.add_argument("--dtypes", default=",".join(DTYPES))
@@ -52,22 +74,33 @@ def parse_args(argv):
                     help="subset of eager,compile,triton,native (default: all that run here)")
     ap.add_argument("--rotate", type=int, default=None,
                     help="input sets per case (default: enough to span 256 MiB, 2 to 8)")
-    ap.add_argument("--min-time", type=float, default=0.5, help="seconds timed per figure")
-    ap.add_argument("--model-batch", type=int, default=128 if cuda else 16)
-    ap.add_argument("--model-steps", type=int, default=20 if cuda else 5,
-                    help="timed steps per round")
+    ap.add_argument("--min-time", type=float, default=0.5,
+                    help="seconds timed per op figure (each of from-Python and GPU-only)")
+    ap.add_argument("--no-model", action="store_true", help="skip the model rows")
+    ap.add_argument("--model-batch", type=int, help=_per_device("model_batch"))
+    ap.add_argument("--model-depth", type=int, default=164, help="ResNet depth, 9n + 2")
+    ap.add_argument("--model-precisions",
+                    help="subset of " + ",".join(model_bench.PRECISIONS) + " (bf16: autocast "
+                         "+ channels_last; " + _per_device("model_precisions") + ")")
+    ap.add_argument("--model-steps", type=int,
+                    help="timed steps per round (" + _per_device("model_steps") + ")")
     ap.add_argument("--model-rounds", type=int, default=3,
                     help="interleaved rounds over the variants; the median round is kept")
-    ap.add_argument("--model-warmup", type=int, default=5 if cuda else 2)
-    ap.add_argument("--no-model", action="store_true", help="skip the model-level rows")
+    ap.add_argument("--model-warmup", type=int,
+                    help="untimed steps per variant, before capture for graphs ("
+                         + _per_device("model_warmup") + ")")
+    ap.add_argument("--model-compile", action="store_true",
+                    help="also torch.compile(model) of each variant (ResNet-164: minutes of "
+                         "compilation per variant)")
     ap.add_argument("--quick", action="store_true",
-                    help="a short check: op batch 16, model batch 8, 2 rounds of 1 step; "
-                         "results are named <device>-quick")
+                    help="a short check, results named <device>-quick; its defaults: "
+                         + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()))
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
-    a = ap.parse_args(argv)
-    if a.quick:
-        a.batch, a.min_time = 16, 0.2
-        a.model_batch, a.model_steps, a.model_rounds, a.model_warmup = 8, 1, 2, 1
+    first = ap.parse_known_args(argv)[0]
+    ap.set_defaults(**DEVICE_DEFAULTS[torch.device(first.device).type])
+    if first.quick:
+        ap.set_defaults(**QUICK)
+    a = ap.parse_args(argv)  # options given explicitly win over both
     a.device = torch.device(a.device)
     fused = compiled_backends(a.device)
     a.impls = a.impls.split(",") if a.impls else ["eager", "compile"] + fused
@@ -76,10 +109,10 @@ def parse_args(argv):
             ap.error(f"implementation {impl!r} does not run on {a.device} "
                      f"(fused backends here: {fused or 'none'})")
     for name, known in (("stages", STAGES), ("dtypes", DTYPES), ("layouts", LAYOUTS),
-                        ("directions", DIRECTIONS)):
+                        ("directions", DIRECTIONS), ("model_precisions", model_bench.PRECISIONS)):
         values = getattr(a, name).split(",")
         if not set(values) <= set(known):
-            ap.error(f"--{name} must be a subset of {','.join(known)}")
+            ap.error(f"--{name.replace('_', '-')} must be a subset of {','.join(known)}")
         setattr(a, name, values)
     return a
 
@@ -113,6 +146,7 @@ def environment(a):
         "command": shlex.join(["python", "-m", "benchmarks.report"] + sys.argv[1:]),
         "load_avg_start": os.getloadavg(),
         "batch": a.batch,
+        "min_time_s": a.min_time,
         "quick": a.quick,
         # why each kernel backend is or is not in the report (a failed build shows here)
         "backends": {name: "timed" if name in a.impls
@@ -121,129 +155,201 @@ def environment(a):
     }
 
 
-def first_call(fn, device):
-    """Run fn once (this compiles what needs compiling); (seconds, None) or (None, reason)."""
-    start = time.perf_counter()
+def attempt(fn):
+    """(fn(), None), or (None, reason) where it raises: a failed compile, kernel or capture
+    is reported as n/a, not fatal."""
     try:
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    except Exception as e:  # a failed compile or kernel is reported as n/a, not fatal
+        return fn(), None
+    except Exception as e:
         first_line = (str(e).strip().splitlines() or [""])[0]
         return None, f"{type(e).__name__}: {first_line[:200]}"
-    return time.perf_counter() - start, None
 
 
 def op_for_impl(impl):
     if impl == "compile":
         torch._dynamo.reset()  # a fresh cache per case: no recompile limit, honest compile time
         return torch.compile(spem_reference, dynamic=False)
-    return op_for(impl)
+    return block_tail_op(impl)
+
+
+def timed_cell(measure, nbytes, copy_gbps):
+    """A table cell: the Timing of measure() with GB/s and share of the copy bandwidth, or
+    {"error": reason}."""
+    t, error = attempt(measure)
+    if error:
+        return {"error": error}
+    gb_per_s = nbytes / (t.median_ms * 1e-3) / 1e9
+    return dict(t._asdict(), gb_per_s=gb_per_s, frac_copy=gb_per_s / copy_gbps)
 
 
 def measure_ops(a, copy_gbps):
     """Yields the rows of each (stage, dtype, layout, direction) case as it is measured."""
+    on_gpu = a.device.type == "cuda"
     for stage, dtype, layout in product(a.stages, a.dtypes, a.layouts):
-        probe = make_inputs(a.batch, stage, dtype, layout, a.device)
+        def new_set():
+            return block_tail_inputs(stage_shape(stage, a.batch), DTYPES[dtype], LAYOUTS[layout],
+                                     a.device, requires_grad=True)
+
+        probe = new_set()
         set_bytes = 3 * probe.x.numel() * probe.x.element_size()
         sets = a.rotate or min(8, max(2, math.ceil(ROTATE_BYTES / set_bytes)))
-        inputs = [probe] + [make_inputs(a.batch, stage, dtype, layout, a.device)
-                            for _ in range(sets - 1)]
+        inputs = [probe] + [new_set() for _ in range(sets - 1)]
         for direction in a.directions:
-            case = {"stage": stage, "shape": [a.batch, *STAGES[stage]], "dtype": dtype,
+            start = time.perf_counter()
+            nbytes = probe.bytes_moved(direction)
+            case = {"stage": stage, "shape": list(stage_shape(stage, a.batch)), "dtype": dtype,
                     "layout": layout, "direction": direction, "input_sets": sets,
-                    "bytes": bytes_moved(probe, direction)}
+                    "bytes": nbytes}
             rows = []
             for impl in a.impls:
-                fns = [step_fn(op_for_impl(impl), inp, direction) for inp in inputs]
-                seconds, error = first_call(fns[0], a.device)
-                row = dict(case, impl=impl, error=error)
+                op = op_for_impl(impl)
+                fns = [block_tail_call(op, inp, direction) for inp in inputs]
+                row = dict(case, impl=impl)
+                first = time.perf_counter()
+                _, error = attempt(lambda: (fns[0](), synchronize(a.device)))
                 if impl == "compile":
-                    row["compile_s"] = seconds
-                if error is None:
-                    row.update(measure(fns, a.device, min_time_s=a.min_time))
-                    row["gb_per_s"] = row["bytes"] / (row["median_ms"] * 1e-3) / 1e9
-                    row["frac_copy"] = row["gb_per_s"] / copy_gbps
+                    row["compile_s"] = None if error else time.perf_counter() - first
+                if error:
+                    row["python"] = {"error": error}
+                    row["graph"] = {"error": error} if on_gpu else None
+                else:
+                    row["python"] = timed_cell(
+                        lambda: time_calls(fns, a.device, min_time_s=a.min_time,
+                                           warmup=max(3, sets)), nbytes, copy_gbps)
+                    row["graph"] = timed_cell(
+                        lambda: time_replays(fns, min_time_s=a.min_time), nbytes, copy_gbps
+                    ) if on_gpu else None  # CUDA graphs need a GPU
                 print(progress(row), file=sys.stderr, flush=True)
                 rows.append(row)
             add_speedups(rows)
             for row in rows:
                 row["target"] = check_op(row, a.device)
+            print(f"  {stage} {dtype} {layout} {direction}: {time.perf_counter() - start:.1f} s",
+                  file=sys.stderr, flush=True)
             yield rows
         del inputs, probe  # freed before the next case allocates its own
-
-
-def progress(row):
-    what = f"{row['stage']} {row['dtype']} {row['layout']} {row['direction']} {row['impl']}"
-    if row["error"]:
-        return f"  {what}: n/a ({row['error']})"
-    return f"  {what}: {row['median_ms']:.3f} ms"
-
-
-def add_speedups(case_rows):
-    base = {r["impl"]: r.get("median_ms") for r in case_rows if not r["error"]}
-    for r in case_rows:
-        for ref in ("eager", "compile"):
-            ok = r.get("median_ms") and base.get(ref)
-            r[f"vs_{ref}"] = base[ref] / r["median_ms"] if ok else None
-
-
-def check_op(row, device):
-    """PASS/MISS of a fused fwd+bwd row against the GPU targets; None where none apply."""
-    fused_fwd_bwd = row["impl"] not in ("eager", "compile") and row["direction"] == "fwd+bwd"
-    if device.type != "cuda" or not fused_fwd_bwd:
-        return None
-    if row["error"]:
-        return "MISS (did not run)"
-    misses = []
-    if row["frac_copy"] < MIN_FRAC_COPY:
-        misses.append(f"bw {row['frac_copy']:.0%}<{MIN_FRAC_COPY:.0%}")
-    for ref, need in (("compile", MIN_VS_COMPILE), ("eager", MIN_VS_EAGER)):
-        got = row[f"vs_{ref}"]
-        if got is None or got < need:
-            misses.append(f"{'n/a' if got is None else f'{got:.1f}x'} {ref}<{need}x")
-    return "PASS" if not misses else "MISS (" + ", ".join(misses) + ")"
-
-
-def measure_models(a):
-    fused = compiled_backends(a.device)
-    labels = [label for label, _, _ in model_bench.VARIANTS
-              if fused or not label.startswith("fused")]
-    print(f"  model: {', '.join(labels)} ...", file=sys.stderr, flush=True)
-    rows = model_bench.measure(labels, str(a.device), a.model_batch, a.model_steps,
-                               a.model_rounds, a.model_warmup)
-    if fused:
-        rows[-1]["resolved_backend"] = fused[0]  # "auto" tries the fused backends in this order
-    else:
-        label, attention, backend = model_bench.VARIANTS[-1]
-        rows.append({"label": label, "attention": attention, "backend": backend,
-                     "batch": a.model_batch, "error": f"no fused backend on {a.device.type}"})
-    plain = rows[0].get("steps_per_s")
-    for r in rows:
-        r["vs_plain"] = r["steps_per_s"] / plain if plain and r.get("steps_per_s") else None
-    fused_row = rows[-1]
-    if not fused_row["error"]:
-        ok = fused_row["vs_plain"] is not None and fused_row["vs_plain"] >= MIN_MODEL_RATIO
-        fused_row["target"] = "PASS" if ok else (
-            f"MISS ({fused_row['vs_plain']:.2f}x plain < {MIN_MODEL_RATIO}x)"
-            if fused_row["vs_plain"] else "MISS (no plain figure)")
-    return rows
-
-
-def summarize(op_rows, model_rows):
-    checked = [(describe(r), r["target"]) for r in op_rows if r.get("target")]
-    checked += [(f"model {r['label']}", r["target"]) for r in model_rows if r.get("target")]
-    misses = [f"{what}: {verdict}" for what, verdict in checked if verdict != "PASS"]
-    return {"checked": len(checked), "passed": len(checked) - len(misses), "misses": misses}
 
 
 def describe(row):
     return f"{row['stage']} {row['dtype']} {row['layout']} {row['direction']} {row['impl']}"
 
 
+def progress(row):
+    cells = [f"{name} " + (f"{c['median_ms']:.3f} ms" if "median_ms" in c else
+                           f"n/a ({c['error']})")
+             for name, c in (("from Python", row["python"]), ("GPU-only", row["graph"])) if c]
+    return f"  {describe(row)}: " + ", ".join(cells)
+
+
+def add_speedups(case_rows):
+    """Speedups from Python over eager and over torch.compile(eager), for each row."""
+    base = {r["impl"]: r["python"].get("median_ms") for r in case_rows}
+    for r in case_rows:
+        mine = r["python"].get("median_ms")
+        for ref in ("eager", "compile"):
+            r[f"vs_{ref}"] = base[ref] / mine if mine and base.get(ref) else None
+
+
+def check_op(row, device):
+    """PASS/MISS of a fused fwd+bwd row against the op targets (GPU); None where none apply."""
+    fused_fwd_bwd = row["impl"] not in ("eager", "compile") and row["direction"] == "fwd+bwd"
+    if device.type != "cuda" or not fused_fwd_bwd:
+        return None
+    misses = []
+    need = OP_MIN_FRAC_COPY[row["stage"]]
+    got = row["graph"].get("frac_copy")
+    if got is None or got < need:
+        misses.append(f"GPU-only {'n/a' if got is None else f'{got:.0%}'} of copy < {need:.0%}")
+    for ref, need in (("eager", OP_MIN_VS_EAGER), ("compile", OP_MIN_VS_COMPILE)):
+        got = row[f"vs_{ref}"]
+        if got is None or got < need:
+            misses.append(f"{'n/a' if got is None else f'{got:.1f}x'} {ref} < {need}x")
+    return "PASS" if not misses else "MISS (" + ", ".join(misses) + ")"
+
+
+def measure_models(a, save_rows, seconds):
+    """The model rows: one timing process per precision and mode, then the memory processes;
+    save_rows(rows) after each, seconds[part] = how long it took."""
+    fused = compiled_backends(a.device)
+    labels = [label for label, _, _ in model_bench.VARIANTS
+              if fused or not label.startswith("fused")]
+    modes = ["eager", "graph"] if a.device.type == "cuda" else ["eager"]  # graphs: CUDA only
+    modes += ["compile"] if a.model_compile else []
+    rows = []
+    for mode, precision in product(modes, a.model_precisions):
+        start = time.perf_counter()
+        print(f"  model {precision} {mode}: {', '.join(labels)} ...", file=sys.stderr,
+              flush=True)
+        rows += model_bench.measure_time(labels, precision, mode, str(a.device),
+                                         a.model_batch, a.model_depth, a.model_steps,
+                                         a.model_rounds, a.model_warmup)
+        if not fused:
+            label, attention, backend = model_bench.VARIANTS[-1]
+            rows.append({"label": label, "attention": attention, "backend": backend,
+                         "precision": precision, "mode": mode, "depth": a.model_depth,
+                         "batch": a.model_batch, "error": f"no fused backend on {a.device.type}"})
+        finish_model_rows(rows, fused, a)
+        save_rows(rows)
+        seconds[f"model {precision} {mode}"] = time.perf_counter() - start
+    start = time.perf_counter()
+    keys = [(label, precision) for precision in a.model_precisions for label in labels]
+    print(f"  model memory: {len(keys)} processes ...", file=sys.stderr, flush=True)
+    for (label, precision), memory in model_bench.measure_memory(
+            keys, str(a.device), a.model_batch, a.model_depth).items():
+        row = next(r for r in rows if (r["label"], r["precision"], r["mode"]) ==
+                   (label, precision, "eager"))
+        row["memory"] = memory
+    save_rows(rows)
+    seconds["model memory"] = time.perf_counter() - start
+    return rows
+
+
+def finish_model_rows(rows, fused, a):
+    """x plain (step time over plain's, same precision and mode) and the model targets."""
+    for r in rows:
+        if r["label"] == "fused SPEM" and fused:
+            r["resolved_backend"] = fused[0]  # "auto" tries the fused backends in this order
+        plain = next((p.get("ms_per_step") for p in rows if p["label"] == "plain"
+                      and (p["precision"], p["mode"]) == (r["precision"], r["mode"])), None)
+        r["x_plain"] = r["ms_per_step"] / plain if plain and r.get("ms_per_step") else None
+        r["target"] = check_model(r, a)
+
+
+def check_model(row, a):
+    """PASS/MISS of a fused row against the model targets (eager mode and graphs, ResNet-164
+    at the target batch); None where none apply."""
+    limit = MODEL_MAX_RATIO.get(row["mode"])
+    if (row["label"] != "fused SPEM" or limit is None or row["depth"] != 164
+            or row["batch"] != MODEL_TARGET_BATCH[a.device.type]):
+        return None
+    if row["x_plain"] is None:
+        return "MISS (" + (row.get("error") or "no plain figure") + ")"
+    if row["x_plain"] <= limit:
+        return "PASS"
+    return f"MISS ({row['x_plain']:.2f}x plain > {limit}x)"
+
+
+def summarize(op_rows, model_rows):
+    checked = [(describe(r), r["target"]) for r in op_rows if r.get("target")]
+    checked += [(f"model {r['precision']} {r['mode']} {r['label']}", r["target"])
+                for r in model_rows if r.get("target")]
+    misses = [f"{what}: {verdict}" for what, verdict in checked if verdict != "PASS"]
+    return {"checked": len(checked), "passed": len(checked) - len(misses), "misses": misses}
+
+
 def fmt(value, spec):
     """value formatted by spec, or "-" padded to the same width."""
     return format(value, spec) if value is not None else format("-", ">" + spec.split(".")[0])
+
+
+def op_cells(cell):
+    """ms, GB/s and share of copy of one timing cell, 24 characters wide."""
+    if cell is None or "error" in cell:
+        return f"{'-' if cell is None else 'n/a':>24}"
+    return f"{cell['median_ms']:9.3f} {cell['gb_per_s']:7.1f} {cell['frac_copy']:6.1%}"
+
+
+PRECISION_NAMES = {"fp32": "fp32 NCHW", "bf16": "bf16 autocast + channels_last"}
 
 
 def table(result):
@@ -256,48 +362,68 @@ def table(result):
              f"{meta['load_avg_end'][0]:.2f} at end",
              "kernel backends: " + "; ".join(f"{name}: {shorten(why, 100)}"
                                              for name, why in meta["backends"].items()),
+             "medians; from Python: CUDA events around back-to-back calls, host cost included "
+             "(CPU: perf_counter); GPU-only: replays of the call captured in a CUDA graph "
+             "(do_bench; '-' without a GPU); x eager, x comp: from Python",
              ""]
     head = (f"{'stage':7} {'N,C,H,W':14} {'dtype':8} {'layout':13} {'dir':7} {'impl':8} "
-            f"{'ms':>9} {'MB':>7} {'GB/s':>7} {'%copy':>6} {'x eager':>7} {'x comp':>7}  target")
+            f"{'MB':>7} | {'from Python: ms':>15} {'GB/s':>7} {'%copy':>6} | "
+            f"{'GPU-only: ms':>12} {'GB/s':>7} {'%copy':>6} | {'x eager':>7} {'x comp':>7}  "
+            f"target")
     lines += [head, "-" * len(head)]
     previous = None
     for r in result["ops"]:
-        case = (r["stage"], r["dtype"], r["layout"], r["direction"])
-        if previous and case[:3] != previous[:3]:
+        if previous and (r["stage"], r["dtype"], r["layout"]) != previous:
             lines.append("")
-        previous = case
+        previous = (r["stage"], r["dtype"], r["layout"])
         shape = ",".join(map(str, r["shape"]))
-        left = (f"{r['stage']:7} {shape:14} {r['dtype']:8} {r['layout']:13} {r['direction']:7} "
-                f"{r['impl']:8} ")
-        if r["error"]:
-            lines.append(left + f"n/a: {r['error']}")
-            continue
-        lines.append(left + f"{r['median_ms']:9.3f} {r['bytes'] / 1e6:7.1f} {r['gb_per_s']:7.1f} "
-                     f"{r['frac_copy']:6.1%} {fmt(r['vs_eager'], '7.2f')} "
-                     f"{fmt(r['vs_compile'], '7.2f')}  {r.get('target') or ''}")
+        lines.append(f"{r['stage']:7} {shape:14} {r['dtype']:8} {r['layout']:13} "
+                     f"{r['direction']:7} {r['impl']:8} {r['bytes'] / 1e6:7.1f} | "
+                     f"{op_cells(r['python']):>30} | {op_cells(r['graph']):>27} | "
+                     f"{fmt(r['vs_eager'], '7.2f')} {fmt(r['vs_compile'], '7.2f')}  "
+                     f"{r.get('target') or ''}")
+        if "error" in r["python"]:
+            lines.append(f"{'':52}n/a: {r['python']['error']}")
+        elif r["graph"] and "error" in r["graph"]:
+            lines.append(f"{'':52}GPU-only n/a: {r['graph']['error']}")
+    compile_s = [r["compile_s"] for r in result["ops"] if r.get("compile_s")]
+    if compile_s:
+        lines.append(f"torch.compile(spem_reference): {sum(compile_s):.0f} s of compilation "
+                     f"over {len(compile_s)} cases (at most {max(compile_s):.1f} s)")
     if result["model"]:
-        lines += ["", f"ResNet-164 (CIFAR-10) training step, synthetic data, SGD; steps/s: median "
-                      f"of interleaved rounds; memory: {memory_method(result['model'])}",
-                  f"{'model':28} {'batch':>5} {'steps/s':>8} {'ms/step':>8} {'peak MB':>8} "
-                  f"{'x plain':>7}  target"]
+        lines += ["", model_heading(result["model"]),
+                  f"{'precision':30} {'mode':7} {'variant':20} {'ms/step':>8} {'steps/s':>8} "
+                  f"{'x plain':>7} {'act MiB':>8} {'compile s':>9}  target"]
         for r in result["model"]:
-            label = r["label"] + (f" ({r['resolved_backend']})" if r.get("resolved_backend") else
-                                  f" (backend={r['backend']})" if r["attention"] == "spem" else "")
-            if r["error"]:
-                lines.append(f"{label:28} {r['batch']:5} n/a: {r['error']}")
+            label = r["label"] + (f" ({r['resolved_backend']})" if r.get("resolved_backend")
+                                  else "")
+            left = f"{PRECISION_NAMES[r['precision']]:30} {r['mode']:7} {label:20} "
+            if r.get("error"):
+                lines.append(left + f"n/a: {r['error']}")
                 continue
-            lines.append(f"{label:28} {r['batch']:5} {r['steps_per_s']:8.3f} "
-                         f"{1e3 / r['steps_per_s']:8.1f} {r['peak_mem_mb']:8.0f} "
-                         f"{fmt(r['vs_plain'], '7.2f')}  {r.get('target') or ''}")
+            memory = r.get("memory", {})
+            lines.append(left + f"{r['ms_per_step']:8.1f} {1e3 / r['ms_per_step']:8.2f} "
+                         f"{fmt(r['x_plain'], '7.2f')} {fmt(memory.get('activation_mb'), '8.0f')} "
+                         f"{fmt(r.get('compile_s'), '9.1f')}  {r.get('target') or ''}")
+            if "error" in memory:
+                lines.append(f"{'':60}memory n/a: {memory['error']}")
     s = result["summary"]
     lines += ["", f"targets: {s['passed']}/{s['checked']} PASS"
-              + (" (op targets apply on GPU only)" if meta["device_type"] != "cuda" else "")]
+              + ("" if meta["device_type"] == "cuda" else " (CPU: the model target only)")]
     lines += [f"  {m}" for m in s["misses"]]
+    lines += ["", "time taken: " + ", ".join(f"{part} {s:.1f} s"
+                                              for part, s in result["seconds"].items())]
     return "\n".join(lines)
 
 
-def memory_method(model_rows):
-    return next((r["memory_method"] for r in model_rows if r.get("memory_method")), "n/a")
+def model_heading(model_rows):
+    r = model_rows[0]
+    memory = next((m["memory"]["memory_method"] for m in model_rows
+                   if "memory_method" in m.get("memory", {})), "n/a")
+    return (f"ResNet-{r['depth']} training step (forward, loss, backward, SGD), batch "
+            f"{r['batch']}, synthetic data; ms/step: median of {r.get('rounds')} interleaved "
+            f"rounds, each the median of {r.get('steps')} steps; graph: the whole step captured "
+            f"in a CUDA graph; act MiB (eager mode): {memory}")
 
 
 def save(result, stem):
@@ -306,21 +432,37 @@ def save(result, stem):
 
 
 def main(argv=None):
+    started = time.perf_counter()
     a = parse_args(argv)
     meta = environment(a)
     print(f"SPEM report on {meta['device']}: measuring copy bandwidth ...", file=sys.stderr)
-    bw = copy_bandwidth(a.device, 1 << 30 if a.device.type == "cuda" else 256 << 20)
+    seconds = {}
+    start = time.perf_counter()
+    bw = copy_bandwidth(a.device, 1 << 30 if a.device.type == "cuda" else 256 << 20,
+                        min_time_s=max(a.min_time, 0.1))
+    seconds["copy bandwidth"] = time.perf_counter() - start
     os.makedirs(a.out_dir, exist_ok=True)
     stem = os.path.join(a.out_dir, meta["slug"] + ("-quick" if a.quick else ""))
-    result = {"meta": meta, "copy_bandwidth": bw, "ops": [], "model": [],
-              "targets": {"min_frac_copy": MIN_FRAC_COPY, "min_vs_compile": MIN_VS_COMPILE,
-                          "min_vs_eager": MIN_VS_EAGER, "min_model_vs_plain": MIN_MODEL_RATIO}}
+    result = {"meta": meta, "copy_bandwidth": bw, "ops": [], "model": [], "seconds": seconds,
+              "targets": {"model_max_vs_plain": MODEL_MAX_RATIO,
+                          "model_target_batch": MODEL_TARGET_BATCH,
+                          "op_min_frac_copy_gpu_only": OP_MIN_FRAC_COPY,
+                          "op_min_vs_eager": OP_MIN_VS_EAGER,
+                          "op_min_vs_compile": OP_MIN_VS_COMPILE}}
+    start = time.perf_counter()
     for rows in measure_ops(a, bw["gb_per_s"]):
         result["ops"] += rows
+        seconds["ops"] = time.perf_counter() - start
         save(result, stem)  # a run cut short (a time limit) still leaves what it measured
-    result["model"] = [] if a.no_model else measure_models(a)
+    if not a.no_model:
+        def save_rows(rows):
+            result["model"] = rows
+            save(result, stem)
+
+        measure_models(a, save_rows, seconds)
     meta["load_avg_end"] = os.getloadavg()
     result["summary"] = summarize(result["ops"], result["model"])
+    seconds["total"] = time.perf_counter() - started
     save(result, stem)
     plot.write(result, stem + ".png")
     print(f"wrote {stem}.json and {stem}.png\n")
