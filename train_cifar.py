@@ -1,54 +1,14 @@
 #!/usr/bin/env python
-"""Train a CIFAR ResNet with SPEM attention (the original command line keeps working).
+"""Train a CIFAR ResNet with SPEM attention: the checkout's entry to the trainer, with the
+original command line (`python -m spem_kernels.train` is the same; see its --help).
 
     python train_cifar.py --dataset cifar10 --block-name bottleneck --depth 164 \\
         --epochs 164 --schedule 81 122 --gamma 0.1 --wd 1e-4 --checkpoint checkpoints/c10-spem
     torchrun --nproc_per_node=4 train_cifar.py ...      # DistributedDataParallel, one GPU each
 """
-import argparse
 import sys
 
-from spem_kernels import training
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("-d", "--dataset", default="cifar10", choices=sorted(training.NUM_CLASSES))
-    p.add_argument("--data-dir", default="./data",
-                   help="folder with the extracted data set or its archive (downloaded if missing)")
-    p.add_argument("--depth", type=int, default=164, help="9n+2 (bottleneck) or 6n+2 (basicblock)")
-    p.add_argument("--block-name", default="bottleneck", help="bottleneck or basicblock")
-    p.add_argument("--attention", default="spem", choices=("spem", "none"))
-    p.add_argument("--backend", default="auto", help="SPEM kernels: auto, triton, native, eager")
-    p.add_argument("--epochs", type=int, default=164)
-    p.add_argument("--schedule", type=int, nargs="+", default=[81, 122],
-                   help="epochs (0-based) at whose start the lr is multiplied by --gamma")
-    p.add_argument("--gamma", type=float, default=0.1)
-    p.add_argument("--lr", "--learning-rate", type=float, default=0.1)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--wd", "--weight-decay", type=float, default=1e-4)
-    p.add_argument("--alpha", type=float, default=0.1, help="weight of the SPEM penalty")
-    p.add_argument("--train-batch", type=int, default=128,
-                   help="global batch, split evenly over torchrun processes")
-    p.add_argument("--test-batch", type=int, default=100, help="per process")
-    p.add_argument("-c", "--checkpoint", default=None,
-                   help="output folder (default: the --resume file's folder, else ./checkpoint)")
-    p.add_argument("--resume", default="", help="checkpoint file to resume from (or evaluate)")
-    p.add_argument("-e", "--evaluate", action="store_true",
-                   help="only test --resume (default: <checkpoint>/model_best.pth.tar)")
-    p.add_argument("--manualSeed", type=int, default=None)
-    p.add_argument("--amp", default="none", choices=sorted(training.AMP_DTYPES))
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
-    p.add_argument("-j", "--workers", type=int, default=0,
-                   help="ignored, kept for old command lines: the data lives on the device")
-    return p.parse_args(argv)
-
-
-def main(argv=None):
-    return training.run(parse_args(argv))
-
+from spem_kernels.train import main
 
 if __name__ == "__main__":
     main(sys.argv[1:])

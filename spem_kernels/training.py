@@ -1,6 +1,6 @@
 """The CIFAR trainer: data on the device, model, SGD, AMP, DDP, checkpoints, logs.
 
-`run(args)` takes the flags of train_cifar.py (any object with those attributes). One process
+`run(args)` takes the flags of spem_kernels.train (any object with those attributes). One process
 trains on one device; under torchrun each process is one rank of DistributedDataParallel
 (NCCL on GPUs, gloo on CPU) and trains on its shard; rank 0 alone prints and writes files.
 """
@@ -8,6 +8,7 @@ import os
 import random
 import sys
 import time
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from .cuda_graphs import CapturedStep
 from .data import cifar
 from .models import cifar_resnet
 
@@ -26,14 +28,41 @@ AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
+class UserError(Exception):
+    """An error the user can fix: data missing and not downloadable, a corrupt, foreign or
+    unfitting checkpoint, flags that do not fit together. The command line
+    (spem_kernels.train) prints its message without a traceback."""
+
+
 def run(args):
-    """Train (or with args.evaluate, evaluate) as the flags say; returns the best test accuracy."""
-    device, rank, world = _setup_distributed(args.device)
+    """Train (or with args.evaluate, evaluate) as the flags say; returns the best test accuracy.
+
+    Raises UserError for what the user can fix. Under torchrun, every way out of here (the
+    end, an error, Ctrl-C) first lets go of what holds the process group, then destroys it
+    (see _teardown)."""
+    device, rank, world = _setup_distributed(args)
+    try:
+        return _train_or_evaluate(args, device, rank, world)
+    except BaseException as e:
+        # The traceback's frames hold the DistributedDataParallel wrapper, which holds the
+        # process group: clear their locals so that _teardown can destroy the group.
+        traceback.clear_frames(e.__traceback__)
+        raise
+    finally:
+        _teardown(world)
+
+
+def _train_or_evaluate(args, device, rank, world):
     main = rank == 0
     folder = args.checkpoint or (os.path.dirname(args.resume) if args.resume else "checkpoint")
     if args.evaluate:
         args.resume = args.resume or os.path.join(folder, "model_best.pth.tar")
-    ckpt = load_checkpoint(args.resume) if args.resume else None
+    ckpt = None
+    if args.resume:
+        try:
+            ckpt = load_checkpoint(args.resume)
+        except (OSError, RuntimeError, ValueError) as e:
+            raise UserError(str(e)) from e
 
     # A resumed run keeps its seed: the data order of later epochs depends on it.
     seed = (ckpt or {}).get("args", {}).get("manualSeed")
@@ -44,22 +73,18 @@ def run(args):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    if world > 1 and args.train_batch % world:
-        raise ValueError(f"--train-batch {args.train_batch} (the global batch) must divide "
-                         f"evenly over {world} processes")
-    if main:  # one process downloads and extracts; the others wait, then read
-        cifar.prepare(args.dataset, args.data_dir)
-    if world > 1:
-        dist.barrier()
-    data = cifar.load_cifar(args.dataset, args.data_dir, download=False)
+    data = _load_data(args.dataset, args.data_dir, main, world)
     common = dict(device=device, rank=rank, world_size=world, channels_last=args.channels_last)
     train_loader = cifar.CifarLoader(data.train_images, data.train_labels,
                                      args.train_batch // world, train=True, seed=seed, **common)
     test_loader = cifar.CifarLoader(data.test_images, data.test_labels, args.test_batch,
                                     train=False, **common)
 
-    net = cifar_resnet(args.depth, NUM_CLASSES[args.dataset], args.block_name, args.attention,
-                       args.backend).to(device)
+    try:
+        net = cifar_resnet(args.depth, NUM_CLASSES[args.dataset], args.block_name,
+                           args.attention, args.backend).to(device)
+    except ValueError as e:  # --depth, --block-name, --attention or --backend
+        raise UserError(str(e)) from e
     if args.channels_last:
         net = net.to(memory_format=torch.channels_last)
     # Weight decay on every parameter, SPEM's included, as the original trainer did.
@@ -70,22 +95,26 @@ def run(args):
     if ckpt is not None:
         _load_model(net, ckpt, args.resume)
         if not args.evaluate:
-            start_epoch, best_acc = _restore_training(ckpt, optimizer, scaler, train_loader)
+            start_epoch, best_acc = _restore_training(ckpt, optimizer, scaler, train_loader,
+                                                      args.resume)
 
     eval_model = torch.compile(net) if args.compile else net
-    train_model = DistributedDataParallel(net) if world > 1 else net
-    if args.compile:
-        train_model = torch.compile(train_model)
+    # A CUDA graph must not keep autocast's cache of cast weights beyond its capture.
     autocast = torch.autocast(device.type, dtype=AMP_DTYPES[args.amp] or torch.float32,
-                              enabled=args.amp != "none")
+                              enabled=args.amp != "none", cache_enabled=not args.cuda_graph)
 
     if args.evaluate:
         loss, acc = evaluate(eval_model, test_loader, autocast, world)
         if main:
             print(f" Test Loss:  {loss:.8f}, Test Acc:  {acc:.2f}")
-        _teardown(world)
         return acc
 
+    train_model = DistributedDataParallel(net) if world > 1 else net
+    if args.compile:
+        train_model = torch.compile(train_model)
+    train_step = make_train_step(train_model, net, optimizer, scaler, autocast, args.alpha)
+    if args.cuda_graph:
+        train_step = CapturedStep(train_step, train_loader.batch_size)
     if main:
         os.makedirs(folder, exist_ok=True)
         print(f"{args.dataset}: {len(data.train_labels)} train, {len(data.test_labels)} test "
@@ -101,14 +130,15 @@ def run(args):
         lr = args.lr * args.gamma ** sum(epoch >= m for m in args.schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        bar = tqdm(total=train_loader.shard_size() * world, unit="img", unit_scale=True,
-                   desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
-                   disable=not (main and sys.stderr.isatty()))
+        if args.cuda_graph:  # the learning rate is a constant in the graph: capture anew
+            train_step.reset()
         t0 = time.perf_counter()
-        train_loss, ce_loss, param_loss, train_acc = train_epoch(
-            train_model, net, train_loader, optimizer, scaler, autocast, args.alpha, world, bar)
+        with tqdm(total=train_loader.shard_size() * world, unit="img", unit_scale=True,
+                  desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+                  disable=not (main and sys.stderr.isatty())) as bar:
+            train_loss, ce_loss, param_loss, train_acc = train_epoch(
+                train_model, train_step, train_loader, world, bar)
         speed = train_loader.shard_size() * world / (time.perf_counter() - t0)
-        bar.close()
         if world > 1:  # rank 0's BatchNorm statistics are the ones saved: test with them
             for buffer in net.buffers():
                 dist.broadcast(buffer, 0)
@@ -136,30 +166,60 @@ def run(args):
                 save_atomic(state, os.path.join(folder, "model_best.pth.tar"))
     if main:
         print(f"Best acc: {best_acc:.2f}")
-    _teardown(world)
     return best_acc
 
 
-def train_epoch(model, net, loader, optimizer, scaler, autocast, alpha, world, bar):
-    """One pass over this rank's shard; returns the epoch's mean (total loss, cross-entropy,
-    alpha * penalty, accuracy %) over all ranks. Sums stay on the device: no per-step sync."""
-    model.train()
-    sums = torch.zeros(5, dtype=torch.float64, device=loader.device)
-    for x, y in loader:
+def _load_data(name, root, main, world):
+    """The data set, read by every rank once rank 0 has made it ready (downloaded and
+    extracted, if need be). When rank 0 cannot, every rank raises its UserError."""
+    problem = None
+    if main:
+        try:
+            cifar.prepare(name, root)
+        except (OSError, ValueError) as e:
+            problem = str(e)
+    problem = _broadcast(problem, world)  # the others wait here for rank 0
+    if problem:
+        raise UserError(problem)
+    try:
+        return cifar.load_cifar(name, root, download=False)
+    except (OSError, ValueError) as e:
+        raise UserError(str(e)) from e
+
+
+def make_train_step(model, net, optimizer, scaler, autocast, alpha):
+    """step(images, labels) -> (loss, cross-entropy, alpha * penalty, correct count): one
+    whole SGD step (zero_grad, forward, backward, update), results as tensors on the device.
+    It moves nothing between host and device, so it can be captured in a CUDA graph."""
+
+    def step(images, labels):
+        optimizer.zero_grad(set_to_none=True)
         with autocast:
-            logits = model(x)
-        ce = F.cross_entropy(logits.float(), y)
+            logits = model(images)
+        ce = F.cross_entropy(logits.float(), labels)
         penalty = alpha * net.spem_penalty()
         loss = ce + penalty
-        optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        return loss.detach(), ce.detach(), penalty.detach(), (logits.argmax(1) == labels).sum()
+
+    return step
+
+
+def train_epoch(model, step, loader, world, bar):
+    """One pass over this rank's shard with `step` (make_train_step's, or its captured form);
+    returns the epoch's mean (total loss, cross-entropy, alpha * penalty, accuracy %) over all
+    ranks. Sums stay on the device: no per-step sync."""
+    model.train()
+    sums = torch.zeros(4, dtype=torch.float64, device=loader.device)
+    for x, y in loader:
+        loss, ce, penalty, correct = step(x, y)
         n = len(y)
-        sums += torch.stack([loss.detach() * n, ce.detach() * n, penalty.detach() * n,
-                             (logits.argmax(1) == y).sum().float(), loss.new_tensor(n)]).double()
+        sums += torch.stack([loss * n, ce * n, penalty * n, correct.float()]).double()
         bar.update(n * world)
-    total, ce, param, correct, count = _all_reduce(sums, world).tolist()
+    total, ce, param, correct = _all_reduce(sums, world).tolist()
+    count = loader.shard_size() * world  # every rank trains on a shard of the same size
     return total / count, ce / count, param / count, 100.0 * correct / count
 
 
@@ -230,13 +290,17 @@ def _load_model(net, ckpt, path):
     try:
         net.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:
-        raise RuntimeError(f"{path} does not fit this model (check --dataset, --depth, "
-                           f"--block-name, --attention): {e}") from e
+        raise UserError(f"{path} does not fit this model (check --dataset, --depth, "
+                        f"--block-name, --attention): {e}") from e
 
 
-def _restore_training(ckpt, optimizer, scaler, train_loader):
+def _restore_training(ckpt, optimizer, scaler, train_loader, path):
     """Optimizer, scaler and RNG states; (start epoch, best accuracy). Checkpoints of the
     original trainer have no scaler or RNG entries: those then start afresh."""
+    missing = [k for k in ("epoch", "best_acc", "optimizer") if k not in ckpt]
+    if missing:
+        raise UserError(f"{path} holds no training state (no {', '.join(missing)}): it can be "
+                        f"evaluated (--evaluate) but not resumed")
     optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt.get("scaler") and scaler.is_enabled():
         scaler.load_state_dict(ckpt["scaler"])
@@ -282,20 +346,48 @@ def plot_log(log_path, png_path):
 
 # --- processes ---
 
-def _setup_distributed(device_flag):
-    """(device, rank, world size) from torchrun's RANK / WORLD_SIZE / LOCAL_RANK, if set."""
+def _setup_distributed(args):
+    """(device, rank, world size) from torchrun's RANK / WORLD_SIZE / LOCAL_RANK, if set.
+    Flags that cannot work are UserErrors here, before any process waits for another."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(device_flag or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.train_batch % world:
+        raise UserError(f"--train-batch {args.train_batch} (the global batch) must divide "
+                        f"evenly over {world} processes")
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise UserError(f"--device {args.device}: {e}") from e
     if device.type == "cuda":
         if device.index is None:
             device = torch.device("cuda", local_rank if world > 1 else 0)
+        if device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {args.device or 'cuda'}: this process would use {device}, "
+                            f"but {torch.cuda.device_count()} CUDA device(s) are visible")
         torch.cuda.set_device(device)
+    _check_cuda_graph(args, device, world)
     if world > 1:
+        # torch.distributed.nn binds `group.WORLD` as a default argument when first imported
+        # (DistributedDataParallel imports it, through torch._dynamo). Imported after
+        # init_process_group, it would hold the group past destroy_process_group (see
+        # _teardown); imported now, it binds None.
+        import torch.distributed.nn as _  # noqa: F401
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
     return device, rank, world
+
+
+def _check_cuda_graph(args, device, world):
+    """--cuda-graph with a flag it does not fit is a UserError."""
+    why = None if not args.cuda_graph else (
+        "it needs a CUDA device" if device.type != "cuda" else
+        "runs of several processes (torchrun) are not captured" if world > 1 else
+        "--amp fp16's gradient scaler checks for overflow on the host" if args.amp == "fp16"
+        else "--compile has CUDA graphs of its own (mode reduce-overhead)" if args.compile
+        else None)
+    if why:
+        raise UserError(f"--cuda-graph: {why}")
 
 
 def _broadcast(value, world):
@@ -313,5 +405,11 @@ def _all_reduce(tensor, world):
 
 
 def _teardown(world):
+    """Destroy the process group. Called once nothing else holds it (the DDP wrapper is
+    gone), this frees it: its worker threads end here, while the interpreter is alive.
+    A group that outlives this keeps threads that may still be releasing the last
+    collective's tensors when the interpreter exits; such a thread, stopped by the exiting
+    interpreter in the middle of a C++ destructor, aborts the process ("terminate called
+    without an active exception", SIGABRT): a finished run would exit non-zero."""
     if world > 1:
         dist.destroy_process_group()
