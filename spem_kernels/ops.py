@@ -68,14 +68,29 @@ def spem(x, w1, b1, w2, b2, p, residual=None, *, relu=False, backend="auto"):
     backend: "auto", "triton", "native" or "eager". Returns x's shape, dtype and format.
     """
     _check(x, (w1, b1, w2, b2), p, residual, relu)
+    if torch.compiler.is_compiling():
+        name = _backend_name(backend, x.device)
+        if name == "eager":
+            return spem_reference(x, w1, b1, w2, b2, p, residual, relu=relu)
+        return spem_forward(x, w1, b1, w2, b2, p, residual, relu, name)[0]
     impl = backends.resolve(backend, x.device)
     if impl.NAME == "eager":
         return spem_reference(x, w1, b1, w2, b2, p, residual, relu=relu)
-    if torch.compiler.is_compiling():
-        return spem_forward(x, w1, b1, w2, b2, p, residual, relu, impl.NAME)[0]
     if impl.differentiable is not None:  # autograd wired in the backend itself (native: C++)
         return impl.differentiable(x, w1, b1, w2, b2, p, residual, relu)
     return _SpemFunction.apply(x, w1, b1, w2, b2, p, residual, relu, impl)
+
+
+def _backend_name(backend, device):
+    """The name of the backend that runs a call on `device`. torch.compile calls this while
+    tracing and keeps the result as a constant: the first resolution may build or load the
+    native library (files, hashes, a lock), which tracing cannot follow."""
+    return backends.resolve(backend, device).NAME
+
+
+# What torch.compiler.assume_constant_result sets; calling it would import torch._dynamo
+# (over a second) with spem_kernels. tests/test_op.py checks that tracing honours it.
+_backend_name._dynamo_marked_constant = True
 
 
 def _save(ctx, x, w1, b1, w2, b2, p, residual, relu, backend, out, stats, idx):

@@ -79,3 +79,29 @@ def test_triton_call_allocates_and_launches_only(monkeypatch):
     allocations = [op for op in fwd + bwd if op not in AUTOGRAD_OPS]
     assert set(allocations) <= ALLOCATIONS, allocations
     assert len(allocations) <= TRITON_ALLOCATIONS, allocations
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not triton_backend._DIRECT_LAUNCH,
+                    reason="direct launches run on CUDA with Triton 3.6")
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last", "sliced"])
+def test_triton_direct_launch_runs_the_kernel_triton_would(kind):
+    """The second call of a specialisation skips Triton's launcher: it must launch the very
+    kernel Triton itself picks for those arguments (its cache key must not be coarser than
+    Triton's specialisation), and compute what the first call computed."""
+    from test_op import make_inputs
+
+    inputs = make_inputs((4, 64, 16, 16), torch.float32, "cuda", kind)
+    grad_out = torch.randn(4, 64, 16, 16, device="cuda")
+    results = []
+    for _ in range(2):  # through Triton (compiles, fills the cache), then direct
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        out = spem(*leaves[:6], leaves[6], relu=True, backend="triton")
+        results.append([out, *torch.autograd.grad(out, leaves, grad_out)])
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
+    x, w1, b1, w2, b2, p, residual = inputs
+    out, stats, idx = triton_backend.forward_outputs(x)
+    grid, args, meta = triton_backend.fwd_launch(x, residual, out, w1, b1, w2, b2, p, stats,
+                                                 idx, True)
+    picked = triton_backend._spem_fwd_kernel[grid](*args, **meta)
+    assert any(picked is k for k in triton_backend._fwd_kernel.compiled.values())

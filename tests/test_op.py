@@ -4,6 +4,10 @@ The reference runs in float64 on the same (upcast) values; inputs are fresh rand
 numbers every run. On CPU the Triton kernels run in Triton's interpreter, so shapes stay
 small there; on a GPU the stage shapes also run at full batch.
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -219,6 +223,25 @@ def test_torch_compile_fullgraph(case):
     assert rel_err(out, ref) <= 1e-6
     for g, rg in zip(grads, ref_grads):
         assert rel_err(g, rg) <= 1e-5
+
+
+def test_torch_compile_traces_the_first_call(case):
+    """The op's first call in a process may come inside torch.compile (a model compiled
+    right after it is built): choosing the backend then builds or loads its library, which
+    tracing cannot follow, and must not break the graph."""
+    backend, device = case
+    code = f"""
+import torch
+from spem_kernels import spem
+x = torch.randn(2, 4, 5, 5, device="{device}")
+params = [torch.randn(4, device="{device}") for _ in range(4)] + [torch.randn(2, device="{device}")]
+block = lambda x: spem(x, *params, backend="{backend}") * 2
+compiled = torch.compile(block, fullgraph=True, backend="eager")  # Dynamo alone: no codegen
+assert torch.equal(compiled(x), block(x))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ))
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_empty_batch(case):
