@@ -27,11 +27,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-import torch.nn.functional as F
 
-from spem_kernels import available_backends
 from spem_kernels.models import cifar_resnet
 from spem_kernels.timing import capture, synchronize, time_interleaved
+from spem_kernels.training import make_train_step
 
 # (label, attention, backend) of the rows.
 VARIANTS = (("plain", "none", "auto"), ("eager SPEM", "spem", "eager"),
@@ -55,8 +54,8 @@ def _proc_status_bytes(field):
 
 
 def training_step(attention, backend, precision, device, batch, depth, compile=False):
-    """A function that runs one training step on fixed synthetic data (the static inputs a
-    captured step needs)."""
+    """A function that runs one training step (the trainer's own, make_train_step) on fixed
+    synthetic data (the static inputs a captured step needs)."""
     torch.manual_seed(0)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # what a CIFAR trainer sets; warm-up tunes it
@@ -64,10 +63,6 @@ def training_step(attention, backend, precision, device, batch, depth, compile=F
     model = cifar_resnet(depth=depth, num_classes=10, block_name="bottleneck",
                          attention=attention, backend=backend)
     model = model.to(device, memory_format=memory_format)
-    if compile:
-        # Load the backends first (a first-use check of the native build: file stats and
-        # hashes): traced by dynamo inside the model, that loading would break the graph.
-        available_backends(device)
     net = torch.compile(model) if compile else model
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     images = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
@@ -76,14 +71,9 @@ def training_step(attention, backend, precision, device, batch, depth, compile=F
     autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                               enabled=amp_dtype is not None, cache_enabled=False)
 
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with autocast:
-            loss = F.cross_entropy(net(images), labels) + ALPHA * model.spem_penalty()
-        loss.backward()
-        opt.step()
-
-    return step
+    no_scaler = torch.amp.GradScaler(device.type, enabled=False)
+    step = make_train_step(net, model, opt, no_scaler, autocast, ALPHA)
+    return lambda: step(images, labels)
 
 
 def _ready_step(attention, backend, precision, mode, device, batch, depth, warmup):
