@@ -19,6 +19,10 @@ for mod_req in "triton:triton==3.6.0" "pytest:pytest" "pytest_benchmark:pytest-b
                "ninja:ninja" "matplotlib:matplotlib" "tqdm:tqdm"; do
   "$PY" -c "import ${mod_req%%:*}" 2>/dev/null || need+=("${mod_req#*:}")
 done
+# tests/test_wheel.py builds a wheel: setuptools >= 70.1 does that by itself (a Python 3.12+
+# venv has no setuptools at all).
+"$PY" -c "import sys, setuptools; sys.exit(tuple(map(int, setuptools.__version__.split('.')[:2])) < (70, 1))" \
+  2>/dev/null || need+=("setuptools>=70.1")
 # Triton's CPU interpreter (TRITON_INTERPRET=1, how tests run without a GPU) breaks on
 # numpy >= 2.4, which refuses int() of a one-element array. GPUs run compiled kernels.
 "$PY" - <<'PYEOF' || need+=("numpy<2.4")

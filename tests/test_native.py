@@ -64,6 +64,8 @@ def test_build_failure_falls_back(monkeypatch):
         raise RuntimeError("Error building extension 'spem_native_cpu':\n"
                            "spem_cpu.cpp:1:1: error: expected declaration")
 
+    # the built extension of an install (pip install -e .) would be used before any compiler
+    monkeypatch.setattr(native_build, "_prebuilt_record", lambda: (None, "none installed"))
     monkeypatch.setattr(native_build, "_load_library", broken_compiler)
     monkeypatch.setattr(native_backend, "_reasons", None)
     monkeypatch.setattr(backends, "_resolved", {})
