@@ -1,7 +1,8 @@
 """Model-level rows: CIFAR ResNet-164 training steps, and their extra activation memory.
 
-A step is forward, cross-entropy + ALPHA * spem_penalty(), backward and an SGD step
-(momentum 0.9, weight decay 1e-4) on synthetic data on the device. Variants: the plain
+A step is the trainer's own (spem_kernels.training: forward, cross-entropy + ALPHA *
+spem_penalty(), backward and an SGD step, momentum 0.9, weight decay 1e-4) on synthetic
+data on the device. Variants: the plain
 network, eager SPEM (the reference, op by op) and fused SPEM ("auto": the first compiled
 backend), in each precision: fp32 NCHW, or bf16 autocast with model and input in
 channels_last. Modes: "eager" (steps called from Python), "graph" (CUDA only: the whole
@@ -30,7 +31,7 @@ import torch
 
 from spem_kernels.models import cifar_resnet
 from spem_kernels.timing import capture, synchronize, time_interleaved
-from spem_kernels.training import make_train_step
+from spem_kernels.training import make_optimizer, make_train_step
 
 # (label, attention, backend) of the rows.
 VARIANTS = (("plain", "none", "auto"), ("eager SPEM", "spem", "eager"),
@@ -64,7 +65,7 @@ def training_step(attention, backend, precision, device, batch, depth, compile=F
                          attention=attention, backend=backend)
     model = model.to(device, memory_format=memory_format)
     net = torch.compile(model) if compile else model
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    opt = make_optimizer(model, lr=0.1, momentum=0.9, weight_decay=1e-4)
     images = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
     labels = torch.randint(0, 10, (batch,), device=device)
     # cache_enabled=False: autocast's cast cache must not outlive a graph capture
@@ -206,20 +207,20 @@ def measure_memory(keys, device, batch, depth):
 def main(argv=None):
     """The command line of the processes `run` starts; prints the result as one JSON line
     and returns it."""
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("task", choices=("time", "memory"))
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--depth", type=int, default=164, help="ResNet depth, 9n + 2")
-    ap.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32")
-    ap.add_argument("--labels", default=",".join(v[0] for v in VARIANTS), help="time: which")
-    ap.add_argument("--mode", choices=MODES, default="eager", help="time: how steps run")
-    ap.add_argument("--steps", type=int, default=20, help="time: steps per round")
-    ap.add_argument("--rounds", type=int, default=3, help="time: interleaved rounds")
-    ap.add_argument("--warmup", type=int, default=3, help="time: untimed steps per variant")
-    ap.add_argument("--attention", choices=("none", "spem"), help="memory: the variant")
-    ap.add_argument("--backend", default="auto", help="memory: the variant")
-    a = ap.parse_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("task", choices=("time", "memory"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--depth", type=int, default=164, help="ResNet depth, 9n + 2")
+    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32")
+    parser.add_argument("--labels", default=",".join(v[0] for v in VARIANTS), help="time: which")
+    parser.add_argument("--mode", choices=MODES, default="eager", help="time: how steps run")
+    parser.add_argument("--steps", type=int, default=20, help="time: steps per round")
+    parser.add_argument("--rounds", type=int, default=3, help="time: interleaved rounds")
+    parser.add_argument("--warmup", type=int, default=3, help="time: untimed steps per variant")
+    parser.add_argument("--attention", choices=("none", "spem"), help="memory: the variant")
+    parser.add_argument("--backend", default="auto", help="memory: the variant")
+    a = parser.parse_args(argv)
     if a.task == "time":
         result = time_steps(a.labels.split(","), a.precision, a.mode, a.device, a.batch,
                             a.depth, a.steps, a.rounds, a.warmup)

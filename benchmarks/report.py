@@ -61,58 +61,58 @@ def _per_device(name):
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                    help="cuda or cpu (default: cuda where there is a GPU)")
-    ap.add_argument("--batch", type=int, default=FULL_BATCH, help="op batch (default 128)")
-    ap.add_argument("--stages", default=",".join(STAGES), help="subset of " + ",".join(STAGES))
-    ap.add_argument("--dtypes", default=",".join(DTYPES))
-    ap.add_argument("--layouts", default=",".join(LAYOUTS))
-    ap.add_argument("--directions", default=",".join(DIRECTIONS))
-    ap.add_argument("--impls", default=None,
-                    help="subset of eager,compile,triton,native (default: all that run here)")
-    ap.add_argument("--rotate", type=int, default=None,
-                    help="input sets per case (default: enough to span 256 MiB, 2 to 8)")
-    ap.add_argument("--min-time", type=float, default=0.5,
-                    help="seconds timed per op figure (each of from-Python and GPU-only)")
-    ap.add_argument("--no-model", action="store_true", help="skip the model rows")
-    ap.add_argument("--model-batch", type=int, help=_per_device("model_batch"))
-    ap.add_argument("--model-depth", type=int, default=164, help="ResNet depth, 9n + 2")
-    ap.add_argument("--model-precisions",
-                    help="subset of " + ",".join(model_bench.PRECISIONS) + " (bf16: autocast "
-                         "+ channels_last; " + _per_device("model_precisions") + ")")
-    ap.add_argument("--model-steps", type=int,
-                    help="timed steps per round (" + _per_device("model_steps") + ")")
-    ap.add_argument("--model-rounds", type=int, default=3,
-                    help="interleaved rounds over the variants; the median round is kept")
-    ap.add_argument("--model-warmup", type=int,
-                    help="untimed steps per variant, before capture for graphs ("
-                         + _per_device("model_warmup") + ")")
-    ap.add_argument("--model-compile", action="store_true",
-                    help="also torch.compile(model) of each variant (ResNet-164: minutes of "
-                         "compilation per variant)")
-    ap.add_argument("--quick", action="store_true",
-                    help="a short check, results named <device>-quick; its defaults: "
-                         + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()))
-    ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
-    first = ap.parse_known_args(argv)[0]
-    ap.set_defaults(**DEVICE_DEFAULTS[torch.device(first.device).type])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cuda or cpu (default: cuda where there is a GPU)")
+    parser.add_argument("--batch", type=int, default=FULL_BATCH, help="op batch (default 128)")
+    parser.add_argument("--stages", default=",".join(STAGES), help="subset of " + ",".join(STAGES))
+    parser.add_argument("--dtypes", default=",".join(DTYPES))
+    parser.add_argument("--layouts", default=",".join(LAYOUTS))
+    parser.add_argument("--directions", default=",".join(DIRECTIONS))
+    parser.add_argument("--impls", default=None,
+                        help="subset of eager,compile,triton,native (default: all that run here)")
+    parser.add_argument("--rotate", type=int, default=None,
+                        help="input sets per case (default: enough to span 256 MiB, 2 to 8)")
+    parser.add_argument("--min-time", type=float, default=0.5,
+                        help="seconds timed per op figure (each of from-Python and GPU-only)")
+    parser.add_argument("--no-model", action="store_true", help="skip the model rows")
+    parser.add_argument("--model-batch", type=int, help=_per_device("model_batch"))
+    parser.add_argument("--model-depth", type=int, default=164, help="ResNet depth, 9n + 2")
+    parser.add_argument("--model-precisions",
+                        help="subset of " + ",".join(model_bench.PRECISIONS) + " (bf16: autocast "
+                             "+ channels_last; " + _per_device("model_precisions") + ")")
+    parser.add_argument("--model-steps", type=int,
+                        help="timed steps per round (" + _per_device("model_steps") + ")")
+    parser.add_argument("--model-rounds", type=int, default=3,
+                        help="interleaved rounds over the variants; the median round is kept")
+    parser.add_argument("--model-warmup", type=int,
+                        help="untimed steps per variant, before capture for graphs ("
+                             + _per_device("model_warmup") + ")")
+    parser.add_argument("--model-compile", action="store_true",
+                        help="also torch.compile(model) of each variant (ResNet-164: minutes of "
+                             "compilation per variant)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a short check, results named <device>-quick; its defaults: "
+                             + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()))
+    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
+    first = parser.parse_known_args(argv)[0]
+    parser.set_defaults(**DEVICE_DEFAULTS[torch.device(first.device).type])
     if first.quick:
-        ap.set_defaults(**QUICK)
-    a = ap.parse_args(argv)  # options given explicitly win over both
+        parser.set_defaults(**QUICK)
+    a = parser.parse_args(argv)  # options given explicitly win over both
     a.device = torch.device(a.device)
     fused = compiled_backends(a.device)
     a.impls = a.impls.split(",") if a.impls else ["eager", "compile"] + fused
     for impl in a.impls:
         if impl not in ("eager", "compile") and impl not in fused:
-            ap.error(f"implementation {impl!r} does not run on {a.device} "
-                     f"(fused backends here: {fused or 'none'})")
+            parser.error(f"implementation {impl!r} does not run on {a.device} "
+                         f"(fused backends here: {fused or 'none'})")
     for name, known in (("stages", STAGES), ("dtypes", DTYPES), ("layouts", LAYOUTS),
                         ("directions", DIRECTIONS), ("model_precisions", model_bench.PRECISIONS)):
         values = getattr(a, name).split(",")
         if not set(values) <= set(known):
-            ap.error(f"--{name.replace('_', '-')} must be a subset of {','.join(known)}")
+            parser.error(f"--{name.replace('_', '-')} must be a subset of {','.join(known)}")
         setattr(a, name, values)
     return a
 

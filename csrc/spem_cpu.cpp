@@ -309,13 +309,13 @@ void dot_row(const T* grad, int64_t sg, const T* out, int64_t so, const T* y, in
 template <bool Unit, bool Relu, bool WriteDres, typename T, typename Acc>
 void input_grad_row(const T* __restrict__ grad, int64_t sg, const T* __restrict__ out,
                     int64_t so, T* __restrict__ dx, int64_t sd, T* __restrict__ dres,
-                    int64_t se, int64_t len, Acc g) {
-  if (Unit) sg = so = sd = se = 1;
+                    int64_t sdr, int64_t len, Acc g) {
+  if (Unit) sg = so = sd = sdr = 1;
   for (int64_t i = 0; i < len; ++i) {
     Acc G = static_cast<Acc>(grad[i * sg]);
     if (Relu) G = static_cast<Acc>(out[i * so]) > 0 ? G : Acc(0);
     dx[i * sd] = static_cast<T>(G * g);
-    if (WriteDres) dres[i * se] = static_cast<T>(G);
+    if (WriteDres) dres[i * sdr] = static_cast<T>(G);
   }
 }
 
@@ -378,7 +378,7 @@ void backward_plane_major(const BackwardViews<T>& v, const std::vector<at::Tenso
     for (int64_t nc = begin; nc < end; ++nc) {
       const int64_t n = nc / C, c = nc % C;
       const T *gp = v.grad.plane(n, c), *xp = v.x.plane(n, c), *op = v.out.plane(n, c);
-      T *dp = v.dx.plane(n, c), *ep = v.dres.plane(n, c);
+      T *dp = v.dx.plane(n, c), *drp = v.dres.plane(n, c);
       typename Lanes<Acc>::V sums = {};
       for (int64_t row = 0; row < walk.rows; ++row)
         dot_row<Unit, Relu, T, Acc>(gp + row * v.grad.sh, v.grad.sw, op + row * v.out.sh, v.out.sw,
@@ -387,7 +387,7 @@ void backward_plane_major(const BackwardViews<T>& v, const std::vector<at::Tenso
       for (int64_t row = 0; row < walk.rows; ++row)
         input_grad_row<Unit, Relu, WriteDres>(
             gp + row * v.grad.sh, v.grad.sw, op + row * v.out.sh, v.out.sw, dp + row * v.dx.sh,
-            v.dx.sw, ep + row * v.dres.sh, v.dres.sw, walk.len, pg.g);
+            v.dx.sw, drp + row * v.dres.sh, v.dres.sw, walk.len, pg.g);
       pb.add_extremes(n, c, pg);
     }
   });
@@ -400,7 +400,7 @@ void backward_channel_major(const BackwardViews<T>& v, const std::vector<at::Ten
   const int64_t N = x_t.size(0), C = x_t.size(1), H = x_t.size(2), W = x_t.size(3);
   const int64_t block = channel_block(C, H * W), blocks = (C + block - 1) / block;
   const int64_t sgc = Unit ? 1 : v.grad.sc, sxc = Unit ? 1 : v.x.sc, soc = Unit ? 1 : v.out.sc;
-  const int64_t sdc = Unit ? 1 : v.dx.sc, sec = Unit ? 1 : v.dres.sc;
+  const int64_t sdc = Unit ? 1 : v.dx.sc, sdrc = Unit ? 1 : v.dres.sc;
   at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
     Acc sums[kMaxChannelBlock], gate[kMaxChannelBlock];
     PlaneGrads<Acc> grads[kMaxChannelBlock];
@@ -408,7 +408,7 @@ void backward_channel_major(const BackwardViews<T>& v, const std::vector<at::Ten
       const int64_t n = task / blocks, c0 = task % blocks * block;
       const int64_t cb = std::min(block, C - c0);
       const T *gp = v.grad.plane(n, c0), *xp = v.x.plane(n, c0), *op = v.out.plane(n, c0);
-      T *dp = v.dx.plane(n, c0), *ep = v.dres.plane(n, c0);
+      T *dp = v.dx.plane(n, c0), *drp = v.dres.plane(n, c0);
       std::fill_n(sums, cb, Acc(0));
       for (int64_t h = 0; h < H; ++h)
         for (int64_t w = 0; w < W; ++w) {
@@ -429,12 +429,12 @@ void backward_channel_major(const BackwardViews<T>& v, const std::vector<at::Ten
           const T* g = gp + h * v.grad.sh + w * v.grad.sw;
           const T* o = op + h * v.out.sh + w * v.out.sw;
           T* d = dp + h * v.dx.sh + w * v.dx.sw;
-          T* e = ep + h * v.dres.sh + w * v.dres.sw;
+          T* dr = drp + h * v.dres.sh + w * v.dres.sw;
           for (int64_t j = 0; j < cb; ++j) {
             Acc G = static_cast<Acc>(g[j * sgc]);
             if (Relu) G = static_cast<Acc>(o[j * soc]) > 0 ? G : Acc(0);
             d[j * sdc] = static_cast<T>(G * gate[j]);
-            if (WriteDres) e[j * sec] = static_cast<T>(G);
+            if (WriteDres) dr[j * sdrc] = static_cast<T>(G);
           }
         }
       for (int64_t j = 0; j < cb; ++j) pb.add_extremes(n, c0 + j, grads[j]);
@@ -510,14 +510,14 @@ BackwardResult spem_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
   at::Tensor part = at::zeros({N, C, kPartials}, x.options().dtype(acc));
   if (dx.numel() > 0) {
     const at::Tensor stats_c = stats.contiguous(), idx_c = idx.contiguous();
-    const at::Tensor& e = write_dres ? dres : dx;  // written only when write_dres
-    const std::vector<at::Tensor> ts = {grad, x, out, dx, e};
+    const at::Tensor& dr = write_dres ? dres : dx;  // written only when write_dres
+    const std::vector<at::Tensor> ts = {grad, x, out, dx, dr};
     const bool by_channel = channel_major(x);
     const bool unit = unit_stride(ts, by_channel ? 1 : 3);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spem_backward_cpu", [&] {
       using T = scalar_t;
       using Acc = at::opmath_type<T>;
-      const BackwardViews<T> v{grad, x, out, dx, e};
+      const BackwardViews<T> v{grad, x, out, dx, dr};
       with_bool(relu, [&](auto L) {
         const PlaneBackward<T, Acc, L> pb{v, stats_c.data_ptr<Acc>(), idx_c.data_ptr<int32_t>(),
                                           part.data_ptr<Acc>(), params_of<Acc>(prm), C,

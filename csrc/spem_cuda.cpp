@@ -80,14 +80,14 @@ BackwardResult spem_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
   const at::Tensor stats_c = stats.contiguous(), idx_c = idx.contiguous();
   const at::Tensor partials = at::empty({x.size(0), x.size(1), kPartials}, stats.options());
   const at::Tensor blocks_done = at::empty({1}, idx.options());
-  const at::Tensor& e = write_dres ? dres : dx;
+  const at::Tensor& dr = write_dres ? dres : dx;  // dres is written only with write_dres
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spem_backward_cuda", [&] {
     using T = typename CudaType<scalar_t>::type;
     using Acc = at::opmath_type<scalar_t>;
     const BackwardArgs<T, Acc> a{
         data_of<const T>(grad), data_of<const T>(x), data_of<const T>(out), data_of<T>(dx),
         write_dres ? data_of<T>(dres) : nullptr, strides_of(grad), strides_of(x),
-        strides_of(out), strides_of(dx), strides_of(e),
+        strides_of(out), strides_of(dx), strides_of(dr),
         data_of<const Acc>(prm[0]), data_of<const Acc>(prm[1]), data_of<const Acc>(prm[2]),
         data_of<const Acc>(prm[3]), data_of<const Acc>(prm[4]), data_of<const Acc>(stats_c),
         data_of<const int32_t>(idx_c), data_of<Acc>(partials),

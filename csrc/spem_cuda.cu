@@ -293,8 +293,8 @@ __device__ __forceinline__ void write_input_grads(const BackwardArgs<T, Acc>& a,
                                                   const Acc (&dM)[VEC], const Acc (&dm)[VEC],
                                                   const int32_t (&imax)[VEC],
                                                   const int32_t (&imin)[VEC],
-                                                  const int32_t (&pos)[VEC], int64_t dof,
-                                                  int64_t eof) {
+                                                  const int32_t (&pos)[VEC], int64_t dx_off,
+                                                  int64_t dres_off) {
   Acc d[VEC];
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
@@ -302,8 +302,8 @@ __device__ __forceinline__ void write_input_grads(const BackwardArgs<T, Acc>& a,
     if (pos[j] == imax[j]) d[j] += dM[j];
     if (pos[j] == imin[j]) d[j] += dm[j];
   }
-  store<VEC>(a.dx + dof, d);
-  if (a.dres != nullptr) store<VEC>(a.dres + eof, G);
+  store<VEC>(a.dx + dx_off, d);
+  if (a.dres != nullptr) store<VEC>(a.dres + dres_off, G);
 }
 
 template <typename T, typename Acc, int VEC>
@@ -340,7 +340,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int j = 0; j < VEC; ++j) pos[j] = p + j;
       masked_grad<VEC>(a, offset(a.sg, n, c, p, W, flat), offset(a.so, n, c, p, W, flat), G);
       write_input_grads<VEC>(a, G, g, dM, dm, imax, imin, pos, offset(a.sd, n, c, p, W, flat),
-                             offset(a.se, n, c, p, W, flat));
+                             offset(a.sdr, n, c, p, W, flat));
     }
   }
   reduce_partials_if_last(a);
@@ -393,7 +393,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int j = 0; j < VEC; ++j) pos[j] = p;
       masked_grad<VEC>(a, offset(a.sg, n, c, p, W, flat), offset(a.so, n, c, p, W, flat), G);
       write_input_grads<VEC>(a, G, g, dM, dm, imax, imin, pos, offset(a.sd, n, c, p, W, flat),
-                             offset(a.se, n, c, p, W, flat));
+                             offset(a.sdr, n, c, p, W, flat));
     }
   }
   reduce_partials_if_last(a);
@@ -405,7 +405,7 @@ bool is_flat(const Strides& s, int64_t H, int64_t W) { return H == 1 || s.h == W
 
 // Whether VEC consecutive elements along `inner` (the w or c stride, which must be 1) start
 // 16-byte aligned at every position each kernel visits.
-bool vectorizable(const void* data, const Strides& s, int64_t inner_stride,
+bool vectorizable(const void* data, int64_t inner_stride,
                   std::initializer_list<int64_t> outer, int vec) {
   if (data == nullptr) return true;
   if (inner_stride != 1 || reinterpret_cast<uintptr_t>(data) % 16 != 0) return false;
@@ -428,8 +428,8 @@ Layout choose_layout(std::initializer_list<std::pair<const void*, Strides>> tens
   for (const auto& [data, s] : tensors) {
     if (data == nullptr) continue;
     l.flat = l.flat && is_flat(s, H, W);
-    l.vec = l.vec && (x_by_channel ? vectorizable(data, s, s.c, {s.n, s.h, s.w}, vec)
-                                   : vectorizable(data, s, s.w, {s.n, s.c}, vec));
+    l.vec = l.vec && (x_by_channel ? vectorizable(data, s.c, {s.n, s.h, s.w}, vec)
+                                   : vectorizable(data, s.w, {s.n, s.c}, vec));
   }
   l.vec = l.vec && (x_by_channel ? C % vec == 0 : l.flat && (H * W) % vec == 0);
   return l;
@@ -478,7 +478,7 @@ cudaError_t launch_spem_backward(const BackwardArgs<T, Acc>& a, cudaStream_t str
   if (err != cudaSuccess) return err;
   constexpr int kVec = 16 / sizeof(T);
   const Layout l = choose_layout<T>({{a.grad, a.sg}, {a.x, a.sx}, {a.relu ? a.out : nullptr, a.so},
-                                     {a.dx, a.sd}, {a.dres, a.se}},
+                                     {a.dx, a.sd}, {a.dres, a.sdr}},
                                     a.C, a.H, a.W, a.sx.c == 1 && a.C > 1);
   if (l.vec)
     return launch(a, l, kVec, backward_planes<T, Acc, kVec>, backward_channels<T, Acc, kVec, 8>,

@@ -36,7 +36,7 @@ struct BackwardArgs {
   const T* out;  // read only with relu (the mask is out > 0)
   T* dx;
   T* dres;       // nullptr unless the masked gradient is written
-  Strides sg, sx, so, sd, se;
+  Strides sg, sx, so, sd, sdr;
   const Acc *w1, *b1, *w2, *b2, *p;
   const Acc* stats;
   const int32_t* idx;

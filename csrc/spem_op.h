@@ -1,6 +1,6 @@
 // Torch-side helpers shared by the CPU and CUDA bindings of the spem_native ops: argument
-// checks, output allocation, parameter conversion. Layouts are those of
-// spem_kernels/backends/__init__.py.
+// checks, output allocation, parameter conversion. Shapes, dtypes and layouts are those of
+// the backend contract, spem_kernels/backends/contract.py.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -1,4 +1,17 @@
-"""spem_kernels: fused SPEM channel attention for PyTorch (see README.md)."""
+"""spem_kernels: fused SPEM channel attention for PyTorch (README.md; the math: SPEM.md).
+
+The public API is what this module exports. Inside, each layer imports only the ones below
+it (data flows down in the forward pass, back up in the backward):
+
+    train.py, training.py, cuda_graphs.py    the CIFAR trainer and its command line
+    demo.py, cases.py, timing.py             the demo; cases and timer (also for benchmarks/)
+    models/, data/                           CIFAR ResNets; CIFAR on the device
+    layer.py                                 the SPEM nn.Module
+    ops.py                                   the op: checks, backend choice, autograd
+    backends/, reference.py                  the kernels (csrc/ through native), the reference
+
+Nothing below the trainer imports it; benchmarks/ and tests/ use this package's API.
+"""
 from .backends import available_backends
 from .layer import SPEM
 from .ops import spem

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .backends import backward_outputs, forward_outputs
+from .backends.contract import backward_outputs, forward_outputs
 from .reference import spem_reference
 
 _PARAMS = ("w1", "b1", "w2", "b2")

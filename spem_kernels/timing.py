@@ -16,6 +16,7 @@ Triton's do_bench for graph replays (Triton is present wherever CUDA kernels run
   before each); replaying a graph costs the host next to nothing.
 - time_interleaved: several workloads in interleaved rounds, the median round kept, so
   that a burst of load on a shared machine hits all of them alike.
+- dispatched_ops: the operations a call dispatches (its host cost, counted).
 - capture: the standard capture of a function in a CUDA graph (warm-up on a side stream,
   then record), kept together with what the graph reads; on_side_stream and record are its
   two halves, which the trainer's captured step (spem_kernels.cuda_graphs) uses apart.
@@ -160,6 +161,26 @@ def time_interleaved(workloads, device, *, rounds, reps, warmup=3):
             t = time_calls(calls, device, reps=reps, warmup=warmup if first else 0)
             per_round[name].append(t.median_ms)
     return {name: _summary(ms, rounds * reps) for name, ms in per_round.items()}
+
+
+def dispatched_ops(fn):
+    """(fn's result, the names of the operations it dispatched): what a TorchDispatchMode
+    sees, each call of an operator that reaches the dispatcher once. A host-bound op's cost
+    follows this count; operations inside another op's kernel (C++) are not seen."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Recorder() as recorder:
+        result = fn()
+    return result, recorder.ops
 
 
 def copy_bandwidth(device, nbytes, min_time_s=1.0):

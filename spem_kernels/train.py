@@ -18,43 +18,47 @@ from . import training
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("-d", "--dataset", default="cifar10", choices=sorted(training.NUM_CLASSES))
-    p.add_argument("--data-dir", default="./data",
-                   help="folder with the extracted data set or its archive (downloaded if missing)")
-    p.add_argument("--depth", type=int, default=164, help="9n+2 (bottleneck) or 6n+2 (basicblock)")
-    p.add_argument("--block-name", default="bottleneck", help="bottleneck or basicblock")
-    p.add_argument("--attention", default="spem", choices=("spem", "none"))
-    p.add_argument("--backend", default="auto", help="SPEM kernels: auto, triton, native, eager")
-    p.add_argument("--epochs", type=int, default=164)
-    p.add_argument("--schedule", type=int, nargs="+", default=[81, 122],
-                   help="epochs (0-based) at whose start the lr is multiplied by --gamma")
-    p.add_argument("--gamma", type=float, default=0.1)
-    p.add_argument("--lr", "--learning-rate", type=float, default=0.1)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--wd", "--weight-decay", type=float, default=1e-4)
-    p.add_argument("--alpha", type=float, default=0.1, help="weight of the SPEM penalty")
-    p.add_argument("--train-batch", type=int, default=128,
-                   help="global batch, split evenly over torchrun processes")
-    p.add_argument("--test-batch", type=int, default=100, help="per process")
-    p.add_argument("-c", "--checkpoint", default=None,
-                   help="output folder (default: the --resume file's folder, else ./checkpoint)")
-    p.add_argument("--resume", default="", help="checkpoint file to resume from (or evaluate)")
-    p.add_argument("-e", "--evaluate", action="store_true",
-                   help="only test --resume (default: <checkpoint>/model_best.pth.tar)")
-    p.add_argument("--manualSeed", type=int, default=None)
-    p.add_argument("--amp", default="none", choices=sorted(training.AMP_DTYPES))
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="capture the training step in a CUDA graph and replay it (one CUDA "
-                        "process; not with --amp fp16 or --compile). Captured anew each epoch "
-                        "(the learning rate is a constant in the graph); the last, partial "
-                        "batch of an epoch runs uncaptured")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
-    p.add_argument("-j", "--workers", type=int, default=0,
-                   help="ignored, kept for old command lines: the data lives on the device")
-    return p.parse_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-d", "--dataset", default="cifar10", choices=sorted(training.NUM_CLASSES))
+    parser.add_argument("--data-dir", default="./data",
+                        help="folder with the extracted data set or its archive (downloaded if "
+                             "missing)")
+    parser.add_argument("--depth", type=int, default=164,
+                        help="9n+2 (bottleneck) or 6n+2 (basicblock)")
+    parser.add_argument("--block-name", default="bottleneck", help="bottleneck or basicblock")
+    parser.add_argument("--attention", default="spem", choices=("spem", "none"))
+    parser.add_argument("--backend", default="auto",
+                        help="SPEM kernels: auto, triton, native, eager")
+    parser.add_argument("--epochs", type=int, default=164)
+    parser.add_argument("--schedule", type=int, nargs="+", default=[81, 122],
+                        help="epochs (0-based) at whose start the lr is multiplied by --gamma")
+    parser.add_argument("--gamma", type=float, default=0.1)
+    parser.add_argument("--lr", "--learning-rate", type=float, default=0.1)
+    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--wd", "--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--alpha", type=float, default=0.1, help="weight of the SPEM penalty")
+    parser.add_argument("--train-batch", type=int, default=128,
+                        help="global batch, split evenly over torchrun processes")
+    parser.add_argument("--test-batch", type=int, default=100, help="per process")
+    parser.add_argument("-c", "--checkpoint", default=None,
+                        help="output folder (default: the --resume file's folder, else "
+                             "./checkpoint)")
+    parser.add_argument("--resume", default="", help="checkpoint file to resume from (or evaluate)")
+    parser.add_argument("-e", "--evaluate", action="store_true",
+                        help="only test --resume (default: <checkpoint>/model_best.pth.tar)")
+    parser.add_argument("--manualSeed", type=int, default=None)
+    parser.add_argument("--amp", default="none", choices=sorted(training.AMP_DTYPES))
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="capture the training step in a CUDA graph and replay it (one "
+                             "CUDA process; not with --amp fp16 or --compile). Captured anew "
+                             "each epoch (the learning rate is a constant in the graph); the "
+                             "last, partial batch of an epoch runs uncaptured")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
+    parser.add_argument("-j", "--workers", type=int, default=0,
+                        help="ignored, kept for old command lines: the data lives on the device")
+    return parser.parse_args(argv)
 
 
 def main(argv=None):

@@ -1,9 +1,16 @@
 """The CIFAR trainer: data on the device, model, SGD, AMP, DDP, checkpoints, logs.
 
-`run(args)` takes the flags of spem_kernels.train (any object with those attributes). One process
-trains on one device; under torchrun each process is one rank of DistributedDataParallel
-(NCCL on GPUs, gloo on CPU) and trains on its shard; rank 0 alone prints and writes files.
+`run(args)` takes the flags of spem_kernels.train (any object with those attributes) and
+leaves them as they are. One process trains on one device; under torchrun each process is
+one rank of DistributedDataParallel (NCCL on GPUs, gloo on CPU) and trains on its shard;
+rank 0 alone prints and writes files.
+
+Read top to bottom: run, its set-up, the epoch loop and the end; then one training step,
+an epoch and a test pass; checkpoints (checkpoint_state writes what restore reads); the
+log; the processes. Uses models/, data/ and cuda_graphs; train.py (the command line),
+benchmarks/ (make_train_step) and the tests use it.
 """
+import dataclasses
 import os
 import random
 import sys
@@ -53,33 +60,122 @@ def run(args):
 
 
 def _train_or_evaluate(args, device, rank, world):
-    main = rank == 0
-    folder = args.checkpoint or (os.path.dirname(args.resume) if args.resume else "checkpoint")
+    """Set-up, then the epoch loop and the end; with --evaluate, one test pass instead."""
+    setup = _set_up(args, device, rank, world)
     if args.evaluate:
-        args.resume = args.resume or os.path.join(folder, "model_best.pth.tar")
-    ckpt = None
-    if args.resume:
-        try:
-            ckpt = load_checkpoint(args.resume)
-        except (OSError, RuntimeError, ValueError) as e:
-            raise UserError(str(e)) from e
+        loss, acc = evaluate(setup.eval_model, setup.test_loader, setup.autocast, world)
+        if rank == 0:
+            print(f" Test Loss:  {loss:.8f}, Test Acc:  {acc:.2f}")
+        return acc
+    best_acc = _epoch_loop(args, setup, rank, world)
+    if rank == 0:
+        print(f"Best acc: {best_acc:.2f}")
+    return best_acc
 
-    # A resumed run keeps its seed: the data order of later epochs depends on it.
-    seed = (ckpt or {}).get("args", {}).get("manualSeed")
-    seed = args.manualSeed if seed is None else seed
-    seed = _broadcast(random.randint(1, 10000) if seed is None else seed, world)
-    args.manualSeed = seed
+
+@dataclasses.dataclass
+class Setup:
+    """What set-up made: everything the epoch loop (or --evaluate's test pass) uses."""
+    folder: str                   # where checkpoints and logs go
+    seed: int                     # the one used: the resumed run's, --manualSeed, or drawn
+    train_loader: cifar.CifarLoader
+    test_loader: cifar.CifarLoader
+    net: torch.nn.Module          # the model itself, whose weights checkpoints hold
+    eval_model: torch.nn.Module   # net, or with --compile its compiled form
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    autocast: torch.autocast
+    resumed: bool = False         # training state restored from --resume
+    start_epoch: int = 0
+    best_acc: float = 0.0
+
+
+def _set_up(args, device, rank, world):
+    """Seed, data, loaders, model, optimizer and scaler; then what --resume restores (with
+    --evaluate, the checkpoint's weights alone)."""
+    folder = args.checkpoint or (os.path.dirname(args.resume) if args.resume else "checkpoint")
+    # the checkpoint to read: --resume; --evaluate's default is the output folder's best model
+    path = args.resume or (os.path.join(folder, "model_best.pth.tar") if args.evaluate else "")
+    ckpt = _read_checkpoint(path) if path else None
+    seed = _choose_seed(args.manualSeed, ckpt, world)
     torch.manual_seed(seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    data = _load_data(args.dataset, args.data_dir, main, world)
+    data = _load_data(args.dataset, args.data_dir, rank == 0, world)
     common = dict(device=device, rank=rank, world_size=world, channels_last=args.channels_last)
     train_loader = cifar.CifarLoader(data.train_images, data.train_labels,
                                      args.train_batch // world, train=True, seed=seed, **common)
     test_loader = cifar.CifarLoader(data.test_images, data.test_labels, args.test_batch,
                                     train=False, **common)
 
+    net = _make_model(args, device)
+    setup = Setup(
+        folder=folder, seed=seed, train_loader=train_loader, test_loader=test_loader,
+        net=net, eval_model=torch.compile(net) if args.compile else net,
+        optimizer=make_optimizer(net, args.lr, args.momentum, args.wd),
+        scaler=torch.amp.GradScaler(device.type, enabled=args.amp == "fp16"),
+        # A CUDA graph must not keep autocast's cache of cast weights beyond its capture.
+        autocast=torch.autocast(device.type, dtype=AMP_DTYPES[args.amp] or torch.float32,
+                                enabled=args.amp != "none", cache_enabled=not args.cuda_graph))
+    if args.evaluate:
+        _load_weights(net, ckpt, path)
+    elif ckpt is not None:
+        setup.start_epoch, setup.best_acc = restore(setup, ckpt, path)
+        setup.resumed = True
+    return setup
+
+
+def _epoch_loop(args, setup, rank, world):
+    """Epochs setup.start_epoch + 1 to args.epochs: train, test, and on rank 0 log and write
+    the checkpoints. Returns the best test accuracy."""
+    main = rank == 0
+    train_model, train_step = _training_step(args, setup, world)
+    if main:
+        _start_log(args, setup, world)
+    best_acc = setup.best_acc
+    for epoch in range(setup.start_epoch, args.epochs):
+        lr = args.lr * args.gamma ** sum(epoch >= m for m in args.schedule)
+        for group in setup.optimizer.param_groups:
+            group["lr"] = lr
+        if args.cuda_graph:  # the learning rate is a constant in the graph: capture anew
+            train_step.reset()
+        images_per_epoch = setup.train_loader.shard_size() * world
+        t0 = time.perf_counter()
+        with tqdm(total=images_per_epoch, unit="img", unit_scale=True,
+                  desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+                  disable=not (main and sys.stderr.isatty())) as bar:
+            train_loss, ce_loss, param_loss, train_acc = train_epoch(
+                train_model, train_step, setup.train_loader, world, bar)
+        speed = images_per_epoch / (time.perf_counter() - t0)
+        if world > 1:  # rank 0's BatchNorm statistics are the ones saved: test with them
+            for buffer in setup.net.buffers():
+                dist.broadcast(buffer, 0)
+        valid_loss, valid_acc = evaluate(setup.eval_model, setup.test_loader, setup.autocast, world)
+        best_acc = max(best_acc, valid_acc)
+        if main:
+            print(f"epoch {epoch + 1}/{args.epochs}  lr {lr:.4g}  train loss {train_loss:.4f} "
+                  f"(ce {ce_loss:.4f} + param {param_loss:.4f}) acc {train_acc:.2f}  "
+                  f"valid loss {valid_loss:.4f} acc {valid_acc:.2f}  {speed:.0f} img/s",
+                  flush=True)
+            _log_epoch(setup.folder, (lr, train_loss, ce_loss, param_loss, valid_loss,
+                                      train_acc, valid_acc))
+            state = checkpoint_state(setup, args, epoch + 1, valid_acc, best_acc)
+            save_atomic(state, os.path.join(setup.folder, "checkpoint.pth.tar"))
+            if valid_acc == best_acc:
+                save_atomic(state, os.path.join(setup.folder, "model_best.pth.tar"))
+    return best_acc
+
+
+def _choose_seed(manual_seed, ckpt, world):
+    """The resumed checkpoint's seed (the data order of later epochs depends on it), else
+    --manualSeed, else one drawn by rank 0; the same on every rank."""
+    seed = (ckpt or {}).get("args", {}).get("manualSeed")
+    seed = manual_seed if seed is None else seed
+    return _broadcast(random.randint(1, 10000) if seed is None else seed, world)
+
+
+def _make_model(args, device):
     try:
         net = cifar_resnet(args.depth, NUM_CLASSES[args.dataset], args.block_name,
                            args.attention, args.backend).to(device)
@@ -87,86 +183,19 @@ def _train_or_evaluate(args, device, rank, world):
         raise UserError(str(e)) from e
     if args.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    # Weight decay on every parameter, SPEM's included, as the original trainer did.
-    optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.wd)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    start_epoch, best_acc = 0, 0.0
-    if ckpt is not None:
-        _load_model(net, ckpt, args.resume)
-        if not args.evaluate:
-            start_epoch, best_acc = _restore_training(ckpt, optimizer, scaler, train_loader,
-                                                      args.resume)
+    return net
 
-    eval_model = torch.compile(net) if args.compile else net
-    # A CUDA graph must not keep autocast's cache of cast weights beyond its capture.
-    autocast = torch.autocast(device.type, dtype=AMP_DTYPES[args.amp] or torch.float32,
-                              enabled=args.amp != "none", cache_enabled=not args.cuda_graph)
 
-    if args.evaluate:
-        loss, acc = evaluate(eval_model, test_loader, autocast, world)
-        if main:
-            print(f" Test Loss:  {loss:.8f}, Test Acc:  {acc:.2f}")
-        return acc
-
-    train_model = DistributedDataParallel(net) if world > 1 else net
+def _training_step(args, setup, world):
+    """(the model to train: net, DDP-wrapped and compiled as the flags say; its step)."""
+    model = DistributedDataParallel(setup.net) if world > 1 else setup.net
     if args.compile:
-        train_model = torch.compile(train_model)
-    train_step = make_train_step(train_model, net, optimizer, scaler, autocast, args.alpha)
+        model = torch.compile(model)
+    step = make_train_step(model, setup.net, setup.optimizer, setup.scaler, setup.autocast,
+                           args.alpha)
     if args.cuda_graph:
-        train_step = CapturedStep(train_step, train_loader.batch_size)
-    if main:
-        os.makedirs(folder, exist_ok=True)
-        print(f"{args.dataset}: {len(data.train_labels)} train, {len(data.test_labels)} test "
-              f"images; ResNet-{args.depth} {args.block_name} attention={args.attention}, "
-              f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters; {world} "
-              f"process(es) on {device.type}; seed {seed}", flush=True)
-        log = os.path.join(folder, "log.txt")
-        if ckpt is None or not os.path.isfile(log):
-            with open(log, "w") as f:
-                f.write("\t".join(LOG_COLUMNS) + "\n")
-
-    for epoch in range(start_epoch, args.epochs):
-        lr = args.lr * args.gamma ** sum(epoch >= m for m in args.schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        if args.cuda_graph:  # the learning rate is a constant in the graph: capture anew
-            train_step.reset()
-        t0 = time.perf_counter()
-        with tqdm(total=train_loader.shard_size() * world, unit="img", unit_scale=True,
-                  desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
-                  disable=not (main and sys.stderr.isatty())) as bar:
-            train_loss, ce_loss, param_loss, train_acc = train_epoch(
-                train_model, train_step, train_loader, world, bar)
-        speed = train_loader.shard_size() * world / (time.perf_counter() - t0)
-        if world > 1:  # rank 0's BatchNorm statistics are the ones saved: test with them
-            for buffer in net.buffers():
-                dist.broadcast(buffer, 0)
-        valid_loss, valid_acc = evaluate(eval_model, test_loader, autocast, world)
-        best_acc = max(best_acc, valid_acc)
-        if main:
-            print(f"epoch {epoch + 1}/{args.epochs}  lr {lr:.4g}  train loss {train_loss:.4f} "
-                  f"(ce {ce_loss:.4f} + param {param_loss:.4f}) acc {train_acc:.2f}  "
-                  f"valid loss {valid_loss:.4f} acc {valid_acc:.2f}  {speed:.0f} img/s",
-                  flush=True)
-            row = (lr, train_loss, ce_loss, param_loss, valid_loss, train_acc, valid_acc)
-            with open(log, "a") as f:
-                f.write("\t".join(f"{v:.6f}" for v in row) + "\n")
-            plot_log(log, os.path.join(folder, "log.png"))
-            state = {
-                "epoch": epoch + 1, "state_dict": net.state_dict(), "acc": valid_acc,
-                "best_acc": best_acc, "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "args": dict(vars(args)),
-                "rng": {"torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                        "data": train_loader.generator.get_state()},
-            }
-            save_atomic(state, os.path.join(folder, "checkpoint.pth.tar"))
-            if valid_acc == best_acc:
-                save_atomic(state, os.path.join(folder, "model_best.pth.tar"))
-    if main:
-        print(f"Best acc: {best_acc:.2f}")
-    return best_acc
+        step = CapturedStep(step, setup.train_loader.batch_size)
+    return model, step
 
 
 def _load_data(name, root, main, world):
@@ -185,6 +214,14 @@ def _load_data(name, root, main, world):
         return cifar.load_cifar(name, root, download=False)
     except (OSError, ValueError) as e:
         raise UserError(str(e)) from e
+
+
+def make_optimizer(net, lr, momentum, weight_decay):
+    """SGD with weight decay on every parameter, SPEM's included, as the original trainer did.
+    foreach: one multi-tensor update for all parameters, on CPU too (where torch's default is
+    a Python loop over them; SPEM adds five small parameters per block, 270 in ResNet-164)."""
+    return torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum,
+                           weight_decay=weight_decay, foreach=True)
 
 
 def make_train_step(model, net, optimizer, scaler, autocast, alpha):
@@ -286,24 +323,39 @@ def strip_wrapper_prefixes(state_dict):
     return {strip(k): v for k, v in state_dict.items()}
 
 
-def _load_model(net, ckpt, path):
+def _read_checkpoint(path):
     try:
-        net.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
-        raise UserError(f"{path} does not fit this model (check --dataset, --depth, "
-                        f"--block-name, --attention): {e}") from e
+        return load_checkpoint(path)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise UserError(str(e)) from e
 
 
-def _restore_training(ckpt, optimizer, scaler, train_loader, path):
-    """Optimizer, scaler and RNG states; (start epoch, best accuracy). Checkpoints of the
-    original trainer have no scaler or RNG entries: those then start afresh."""
+def checkpoint_state(setup, args, epoch, acc, best_acc):
+    """What a checkpoint holds after `epoch` epochs; restore() reads it back."""
+    return {
+        "epoch": epoch, "state_dict": setup.net.state_dict(), "acc": acc, "best_acc": best_acc,
+        "optimizer": setup.optimizer.state_dict(), "scaler": setup.scaler.state_dict(),
+        # the flags as given, with the seed actually used: a resumed run takes that seed
+        "args": dict(vars(args), manualSeed=setup.seed),
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "data": setup.train_loader.get_state()},
+    }
+
+
+def restore(setup, ckpt, path):
+    """Put the run back where checkpoint_state left it: weights, optimizer, scaler, and the
+    random streams (torch, CUDA, the train loader's); returns (start epoch, best accuracy).
+    Checkpoints of the original trainer have no scaler or RNG entries: those then start
+    afresh. `path` names the checkpoint in errors."""
+    _load_weights(setup.net, ckpt, path)
     missing = [k for k in ("epoch", "best_acc", "optimizer") if k not in ckpt]
     if missing:
         raise UserError(f"{path} holds no training state (no {', '.join(missing)}): it can be "
                         f"evaluated (--evaluate) but not resumed")
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if ckpt.get("scaler") and scaler.is_enabled():
-        scaler.load_state_dict(ckpt["scaler"])
+    setup.optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler") and setup.scaler.is_enabled():
+        setup.scaler.load_state_dict(ckpt["scaler"])
     rng = ckpt.get("rng", {})
     if "torch" in rng:
         torch.set_rng_state(rng["torch"])
@@ -311,11 +363,43 @@ def _restore_training(ckpt, optimizer, scaler, train_loader, path):
             and len(rng["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(rng["cuda"])
     if "data" in rng:
-        train_loader.generator.set_state(rng["data"])
+        setup.train_loader.set_state(rng["data"])
     return ckpt["epoch"], ckpt["best_acc"]
 
 
-# --- log.png ---
+def _load_weights(net, ckpt, path):
+    try:
+        net.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise UserError(f"{path} does not fit this model (check --dataset, --depth, "
+                        f"--block-name, --attention): {e}") from e
+
+
+# --- log.txt, log.png ---
+
+def _start_log(args, setup, world):
+    """Make the folder, print what is trained, and start log.txt with its header (a resumed
+    run appends to the log it finds)."""
+    os.makedirs(setup.folder, exist_ok=True)
+    print(f"{args.dataset}: {len(setup.train_loader.images)} train, "
+          f"{len(setup.test_loader.images)} test images; ResNet-{args.depth} "
+          f"{args.block_name} attention={args.attention}, "
+          f"{sum(p.numel() for p in setup.net.parameters()) / 1e6:.2f}M parameters; "
+          f"{world} process(es) on {setup.train_loader.device.type}; seed {setup.seed}",
+          flush=True)
+    log = os.path.join(setup.folder, "log.txt")
+    if not setup.resumed or not os.path.isfile(log):
+        with open(log, "w") as f:
+            f.write("\t".join(LOG_COLUMNS) + "\n")
+
+
+def _log_epoch(folder, row):
+    """Append one epoch's row (the values of LOG_COLUMNS) to log.txt and redraw log.png."""
+    log = os.path.join(folder, "log.txt")
+    with open(log, "a") as f:
+        f.write("\t".join(f"{v:.6f}" for v in row) + "\n")
+    plot_log(log, os.path.join(folder, "log.png"))
+
 
 def plot_log(log_path, png_path):
     """Loss and accuracy curves of every epoch in log.txt (resumed runs included)."""

@@ -1,7 +1,13 @@
-"""Shared test set-up: where the kernels run, and the (backend, device) matrix.
+"""Shared test set-up: where the kernels run, the (backend, device) matrix, and fixtures
+that several test files use.
 
 Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors; that mode is
 read when Triton JIT-compiles a function, so it is set here, before spem_kernels imports.
+
+tests/ holds test files (test_*.py), which import spem_kernels, this folder's helper
+modules (tiny_cifar: tiny data sets in the official CIFAR format; op_inputs: the op's
+inputs in every layout) and nothing of each other; fixtures they share live here. torchrun_entry.py is the trainer's entry for the
+multi-process tests, run as a script.
 """
 import os
 
@@ -15,7 +21,6 @@ import pytest  # noqa: E402
 from spem_kernels.backends import unavailable_reason  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-ON_GPU = torch.cuda.is_available()
 
 
 @pytest.fixture(params=[(backend, device) for backend in ("triton", "native")
@@ -27,3 +32,13 @@ def case(request):
     if reason is not None:
         pytest.skip(reason)
     return request.param
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    tiny convolutions run faster on one thread, far faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

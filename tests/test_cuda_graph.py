@@ -147,7 +147,7 @@ def test_torch_compile_reduce_overhead_trains_like_eager(backend):
 def test_trainer_cuda_graph_trains_like_uncaptured(tmp_path):
     """train --cuda-graph: the same epochs as without it (captured anew each epoch, after an
     lr change too; the last, partial batch of each epoch uncaptured), the same files."""
-    from test_data import write_cifar
+    from tiny_cifar import write_cifar
 
     write_cifar(tmp_path / "data", train_sizes=(40, 40, 40, 40, 40), test_size=50, seed=1)
     torch.backends.cudnn.deterministic = True  # float32: runs differ by rounding alone

@@ -1,15 +1,12 @@
 """CIFAR loading without torchvision: layouts, archive, download, safety, augmentation.
 
-The data sets here are tiny but in the official on-disk format: pickled dicts with b'data'
-uint8 (n, 3072) and b'labels' / b'fine_labels'. `write_cifar` is shared with test_training.
+The data sets here are tiny but in the official on-disk format (tiny_cifar writes them).
 """
 import collections
-import dataclasses
 import hashlib
 import io
 import os
 import pickle
-import struct
 import tarfile
 
 import numpy as np
@@ -18,71 +15,9 @@ import torch
 
 from spem_kernels.data import cifar
 from spem_kernels.data.cifar import CifarLoader, crop_flip, load_cifar
+from tiny_cifar import dump, make_batch, patch_spec, py2_pickle, write_cifar
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions run faster on one thread, far faster on a busy machine.
-    (Imported by test_models and test_training.)"""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def make_batch(n, num_classes, seed):
-    """n learnable images: a per-class colour plus noise (so a tiny net can fit them)."""
-    rng = np.random.default_rng(seed)
-    palette = np.random.default_rng(12345).integers(0, 200, (num_classes, 3))
-    labels = rng.integers(0, num_classes, n)
-    images = rng.integers(0, 56, (n, 3, 32, 32)) + palette[labels][:, :, None, None]
-    return images.astype(np.uint8).reshape(n, 3072), labels.tolist()
-
-
-class _Py2Pickler(pickle._Pickler):
-    """Writes what the official files are: Python 2 protocol-2 pickles, where bytes are py2
-    strings (BINSTRING) and arrays come from numpy.core.multiarray._reconstruct. (Python 3's
-    own protocol 2 would route bytes through _codecs.encode, which those files never hold.)"""
-    dispatch = pickle._Pickler.dispatch.copy()
-
-    def save_py2_str(self, obj):
-        n = len(obj)
-        self.write(pickle.SHORT_BINSTRING + bytes([n]) + obj if n < 256
-                   else pickle.BINSTRING + struct.pack("<i", n) + obj)
-        self.memoize(obj)
-
-    dispatch[bytes] = save_py2_str
-
-
-def py2_pickle(obj):
-    out = io.BytesIO()
-    _Py2Pickler(out, protocol=2).dump(obj)
-    return out.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
-
-
-def dump(obj, path):
-    with open(path, "wb") as f:
-        f.write(py2_pickle(obj))
-
-
-def write_cifar(root, name="cifar10", train_sizes=(12, 7, 9, 5, 3), test_size=10, seed=0):
-    """A tiny data set in the official extracted layout under `root`; returns its folder."""
-    spec = cifar.SPECS[name]
-    folder = os.path.join(root, spec.folder)
-    os.makedirs(folder, exist_ok=True)
-    num_classes = 10 if name == "cifar10" else 100
-    if name == "cifar100":
-        train_sizes = (sum(train_sizes),)
-    for i, (file, n) in enumerate(zip(spec.train + spec.test, train_sizes + (test_size,))):
-        data, labels = make_batch(n, num_classes, seed + i)
-        batch = {b"data": data, spec.label_key: labels, b"filenames": [b"x.png"] * n,
-                 b"batch_label": b"batch"}
-        if name == "cifar100":
-            batch[b"coarse_labels"] = [label // 5 for label in labels]
-        dump(batch, os.path.join(folder, file))
-    names = [f"class{i}".encode() for i in range(num_classes)]
-    dump({spec.names_key: names, b"num_cases_per_batch": 10}, os.path.join(folder, spec.meta))
-    return folder
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_archive(src_root, name, dest):
@@ -90,10 +25,6 @@ def make_archive(src_root, name, dest):
     with tarfile.open(dest, "w:gz") as tar:
         tar.add(os.path.join(src_root, spec.folder), arcname=spec.folder)
     return hashlib.md5(open(dest, "rb").read()).hexdigest()
-
-
-def patch_spec(monkeypatch, name, **changes):
-    monkeypatch.setitem(cifar.SPECS, name, dataclasses.replace(cifar.SPECS[name], **changes))
 
 
 # --- layouts ---
@@ -106,7 +37,6 @@ def test_reads_extracted_layout(tmp_path, name):
     assert data.train_images.shape == (36, 3, 32, 32) and data.train_images.dtype == torch.uint8
     assert data.test_images.shape == (10, 3, 32, 32)
     assert data.train_labels.dtype == torch.int64
-    assert len(data.classes) == (10 if name == "cifar10" else 100)
     first = pickle.load(open(os.path.join(folder, spec.train[0]), "rb"), encoding="bytes")
     # row layout of the official format: 1024 red, then green, then blue, row-major
     assert torch.equal(data.train_images[0], torch.from_numpy(first[b"data"][0].reshape(3, 32, 32)))
@@ -242,6 +172,13 @@ def test_bad_batch_files_name_the_file(tmp_path, batch, match):
     assert "test_batch" in str(err.value)
 
 
+def test_meta_file_without_class_names_is_refused(tmp_path):
+    folder = write_cifar(tmp_path)
+    dump({b"num_cases_per_batch": 10}, os.path.join(folder, "batches.meta"))
+    with pytest.raises(ValueError, match=r"batches.meta: expected a dict with b'label_names'"):
+        load_cifar("cifar10", tmp_path, download=False)
+
+
 def test_missing_data_names_what_and_where(tmp_path, monkeypatch):
     patch_spec(monkeypatch, "cifar10", url=(tmp_path / "nowhere.tar.gz").as_uri())
     with pytest.raises(FileNotFoundError) as err:
@@ -308,3 +245,23 @@ def test_train_shards_are_disjoint_deterministic_and_channels_last():
     single = CifarLoader(images, labels, 11, "cpu", train=True, seed=3)
     first, second = [torch.cat([y for _, y in single]).tolist() for _ in range(2)]
     assert first != second and sorted(first) == list(range(11))  # a new order each epoch
+
+
+def test_train_loader_state_carries_the_next_epochs():
+    """set_state(get_state()) on a fresh loader (another seed) gives the same next epochs:
+    what a resumed run relies on."""
+    images = torch.arange(11).view(11, 1, 1, 1).expand(11, 3, 32, 32).to(torch.uint8).clone()
+    labels = torch.arange(11)
+
+    def epoch(loader):
+        batches = list(loader)
+        return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+
+    saved = CifarLoader(images, labels, 4, "cpu", train=True, seed=3)
+    epoch(saved)  # one epoch in
+    state = saved.get_state()
+    restored = CifarLoader(images, labels, 4, "cpu", train=True, seed=5)
+    restored.set_state(state)
+    for _ in range(2):
+        for a, b in zip(epoch(saved), epoch(restored)):
+            assert torch.equal(a, b)

@@ -8,26 +8,17 @@ the block tail dispatches and fail above the budget.
 """
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from op_inputs import make_inputs
 from spem_kernels import spem
 from spem_kernels.backends import triton_backend, unavailable_reason
+from spem_kernels.timing import dispatched_ops
 
 # What autograd itself dispatches around any op that saves tensors (plain relu(x + r)
 # dispatches these two too): a detach when saving, one when the backward unpacks.
 AUTOGRAD_OPS = {"aten.detach.default"}
 BUDGET = 8  # operations per fused forward + backward (before the host-cost work: 38)
 ALLOCATIONS = {"aten.empty_like.default", "aten.new_empty.default", "aten.empty.memory_format"}
-
-
-class _Recorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def forward_backward_ops(backend):
@@ -39,12 +30,10 @@ def forward_backward_ops(backend):
     leaves = [x, *params, residual]
     grad_out = torch.randn(N, C, H, W)
     spem(x, *params, residual, relu=True, backend=backend)  # first call: resolves the backend
-    with _Recorder() as fwd:
-        out = spem(x, *params, residual, relu=True, backend=backend)
-    with _Recorder() as bwd:
-        grads = torch.autograd.grad(out, leaves, grad_out)
+    out, fwd = dispatched_ops(lambda: spem(x, *params, residual, relu=True, backend=backend))
+    grads, bwd = dispatched_ops(lambda: torch.autograd.grad(out, leaves, grad_out))
     assert len(grads) == len(leaves) and all(g is not None for g in grads)
-    return fwd.ops, bwd.ops
+    return fwd, bwd
 
 
 @pytest.mark.skipif(unavailable_reason("native", "cpu") is not None,
@@ -88,8 +77,6 @@ def test_triton_direct_launch_runs_the_kernel_triton_would(kind):
     """The second call of a specialisation skips Triton's launcher: it must launch the very
     kernel Triton itself picks for those arguments (its cache key must not be coarser than
     Triton's specialisation), and compute what the first call computed."""
-    from test_op import make_inputs
-
     inputs = make_inputs((4, 64, 16, 16), torch.float32, "cuda", kind)
     grad_out = torch.randn(4, 64, 16, 16, device="cuda")
     results = []

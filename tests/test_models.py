@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from spem_kernels import spem_reference
 from spem_kernels.models import cifar_resnet
 from spem_kernels.training import load_checkpoint
-from test_data import one_thread  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def original_resnet164_shapes(num_classes=10):

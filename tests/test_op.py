@@ -11,42 +11,18 @@ import sys
 import pytest
 import torch
 
-from conftest import ON_GPU
+from op_inputs import layout, make_inputs
 from spem_kernels import spem, spem_reference
+from spem_kernels.cases import STAGES, stage_shape
 from spem_kernels.ops import spem_backward, spem_forward
 
-STAGE_SHAPES = [(2, 64, 32, 32), (2, 128, 16, 16), (2, 256, 8, 8)]
+STAGE_SHAPES = [stage_shape(stage, batch=2) for stage in STAGES]
 ODD_SHAPES = [(3, 5, 1, 1), (2, 6, 7, 7), (2, 3, 13, 17)]
 LARGE_PLANE = (2, 2, 100, 100)  # 10000 positions: more than one tile holds, so it loops
-FULL_SHAPES = [(128, 64, 32, 32), (128, 128, 16, 16), (128, 256, 8, 8)] if ON_GPU else []
-LAYOUTS = ["contiguous", "channels_last", "sliced"]
+# batch 128 on a GPU
+FULL_SHAPES = [stage_shape(stage) for stage in STAGES] if torch.cuda.is_available() else []
+LAYOUTS = ["contiguous", "channels_last", "sliced"]  # op_inputs.layout's kinds
 TAILS = [(False, False), (True, False), (False, True), (True, True)]  # (residual, relu)
-
-
-def layout(t, kind):
-    """t in the memory layout `kind`, with the same values."""
-    if kind == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last)
-    if kind == "sliced":  # a non-contiguous view into a larger buffer
-        N, C, H, W = t.shape
-        big = torch.empty(N, 2 * C, H + 1, W + 2, dtype=t.dtype, device=t.device)
-        view = big[:, ::2, 1:, 1:-1]
-        view.copy_(t)
-        return view
-    return t.contiguous()
-
-
-def make_inputs(shape, dtype, device, kind="contiguous", residual=True):
-    """x, w1, b1, w2, b2, p, residual: x and residual in `dtype`, parameters in float32
-    (float64 when dtype is float64), all fresh random."""
-    C = shape[1]
-    pdtype = torch.float64 if dtype == torch.float64 else torch.float32
-    x = layout(torch.randn(shape, device=device).to(dtype), kind)
-    params = [0.5 * torch.randn(C, device=device, dtype=pdtype) for _ in range(4)]
-    params[0] = params[0].reshape(1, C, 1, 1)  # both parameter shapes are accepted
-    p = torch.randn(2, device=device, dtype=pdtype)
-    res = layout(torch.randn(shape, device=device).to(dtype), kind) if residual else None
-    return [x, *params, p, res]
 
 
 def rel_err(actual, expected):

@@ -13,7 +13,9 @@ import torch
 
 from spem_kernels import train, training
 from spem_kernels.training import LOG_COLUMNS, load_checkpoint
-from test_data import one_thread, patch_spec, write_cifar  # noqa: F401 (fixture)
+from tiny_cifar import patch_spec, write_cifar
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 # Subprocesses: the checkout importable, one thread per process (CI has 2 cores).
@@ -110,6 +112,17 @@ def test_evaluate_only(data_dir, trained, capsys):
     assert float(loss) == pytest.approx(row["Valid Loss"], abs=1e-6)
     assert shown_acc == f"{acc:.2f}"
     assert len(read_log(folder)) == 4  # evaluation writes nothing
+
+
+def test_run_leaves_the_flags_as_parsed(data_dir, trained, capsys):
+    """--evaluate finds <checkpoint>/model_best.pth.tar and takes its seed, 7, without
+    writing either into the flags."""
+    args = train.parse_args(["--evaluate", "--data-dir", str(data_dir), "--checkpoint",
+                             str(trained[0]), "--depth", "8", "--block-name", "basicblock",
+                             "--backend", "eager"])
+    parsed = dict(vars(args))
+    training.run(args)
+    assert vars(args) == parsed and (args.resume, args.manualSeed) == ("", None)
 
 
 def test_checkpoint_with_module_prefix_evaluates(data_dir, trained, tmp_path):

@@ -9,7 +9,8 @@ import threading
 
 import torch
 
-from . import backward_outputs, forward_outputs, native_build
+from . import native_build
+from .contract import backward_outputs, forward_outputs
 
 NAME = "native"
 _lock = threading.Lock()

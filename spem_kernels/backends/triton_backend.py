@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import backward_outputs, compute_dtype, forward_outputs
+from .contract import backward_outputs, compute_dtype, forward_outputs
 
 NAME = "triton"
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -179,7 +179,7 @@ def _spem_fwd_kernel(
 
 
 @triton.jit
-def _input_grads(G, g, dM, dm, i_max, i_min, d_base, e_base, hw, W, sd_h, sd_w, se_h, se_w,
+def _input_grads(G, g, dM, dm, i_max, i_min, d_base, dr_base, hw, W, sd_h, sd_w, sdr_h, sdr_w,
                  mask, WRITE_DRES: tl.constexpr, FLAT: tl.constexpr):
     """dx = G g, plus dM at the max's position and dm at the min's; dresidual = G."""
     dx = G * g
@@ -187,7 +187,7 @@ def _input_grads(G, g, dM, dm, i_max, i_min, d_base, e_base, hw, W, sd_h, sd_w, 
     dx += tl.where(hw[None, :] == i_min[:, None], dm, 0.0)
     _store_tile(d_base, hw, W, sd_h, sd_w, mask, dx, FLAT)
     if WRITE_DRES:
-        _store_tile(e_base, hw, W, se_h, se_w, mask, G, FLAT)
+        _store_tile(dr_base, hw, W, sdr_h, sdr_w, mask, G, FLAT)
 
 
 @triton.jit
@@ -196,7 +196,7 @@ def _spem_bwd_kernel(
     stats_ptr, idx_ptr, part_ptr,
     C, W, HW, NC, num_c_blocks,
     sg_n, sg_c, sg_h, sg_w, sx_n, sx_c, sx_h, sx_w, so_n, so_c, so_h, so_w,
-    sd_n, sd_c, sd_h, sd_w, se_n, se_c, se_h, se_w,
+    sd_n, sd_c, sd_h, sd_w, sdr_n, sdr_c, sdr_h, sdr_w,
     RELU: tl.constexpr, WRITE_DRES: tl.constexpr, ACC: tl.constexpr, FLAT: tl.constexpr,
     ONE_PASS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
@@ -215,7 +215,7 @@ def _spem_bwd_kernel(
     x_base = x_ptr + n * sx_n + c[:, None] * sx_c
     o_base = out_ptr + n * so_n + c[:, None] * so_c
     d_base = dx_ptr + n * sd_n + c[:, None] * sd_c
-    e_base = dres_ptr + n * se_n + c[:, None] * se_c
+    dr_base = dres_ptr + n * sdr_n + c[:, None] * sdr_c
 
     row = (n * C + c) * 2
     M = tl.load(stats_ptr + row, mask=c_ok, other=0).to(ACC)
@@ -246,15 +246,15 @@ def _spem_bwd_kernel(
     g = (s1 * s2)[:, None]
 
     if ONE_PASS:
-        _input_grads(G0, g, dM, dm, i_max, i_min, d_base, e_base, hw0, W, sd_h, sd_w, se_h, se_w,
-                     mask0, WRITE_DRES, FLAT)
+        _input_grads(G0, g, dM, dm, i_max, i_min, d_base, dr_base, hw0, W, sd_h, sd_w, sdr_h,
+                     sdr_w, mask0, WRITE_DRES, FLAT)
     else:
         for start in range(0, HW, BLOCK_HW):
             hw = start + hw0
             mask = c_ok[:, None] & (hw < HW)[None, :]
             G = _masked_grad(g_base, o_base, hw, W, sg_h, sg_w, so_h, so_w, mask, RELU, FLAT, ACC)
-            _input_grads(G, g, dM, dm, i_max, i_min, d_base, e_base, hw, W, sd_h, sd_w, se_h,
-                         se_w, mask, WRITE_DRES, FLAT)
+            _input_grads(G, g, dM, dm, i_max, i_min, d_base, dr_base, hw, W, sd_h, sd_w, sdr_h,
+                         sdr_w, mask, WRITE_DRES, FLAT)
 
     part = part_ptr + n * C + c
     tl.store(part, dZ * (q0 * A + q1 * B), mask=c_ok)
@@ -322,7 +322,7 @@ def _store_param_grad(ptr, c, c_ok, value):
 
 # Elements per program tile: NCHW planes share a program up to _TILE elements; a plane (or
 # a channels_last channel block) up to _ONE_PASS_TILE stays in registers for one pass
-# (16 warps, 16 elements a thread: no spills on sm_80/sm_90, see tests/triton_aot.py);
+# (16 warps, 16 elements a thread: no spills on sm_80/sm_90, see scripts/triton_aot.py);
 # larger planes loop over _TILE-element chunks (the second pass then mostly hits L2).
 _TILE = 4096
 _ONE_PASS_TILE = 8192
@@ -347,7 +347,9 @@ def _tiling(x):
     return block_c, block_hw, one_pass, num_warps
 
 
-def _flat(*tensors):
+def _planes_are_flat(*tensors):
+    """Whether every tensor's planes are evenly spaced rows (h stride = W * w stride): then a
+    kernel addresses position hw as hw * w stride, with no division (the FLAT constexpr)."""
     return all(t.stride(2) == t.shape[3] * t.stride(3) or t.shape[2] == 1 for t in tensors)
 
 
@@ -361,7 +363,7 @@ def fwd_launch(x, residual, out, w1, b1, w2, b2, p, stats, idx, relu):
     args = (x, res, out, w1, b1, w2, b2, p, stats, idx, C, W, H * W, num_c_blocks,
             *x.stride(), *res.stride(), *out.stride())
     meta = dict(HAS_RES=residual is not None, RELU=relu, ACC=_TL_DTYPE[compute_dtype(x.dtype)],
-                FLAT=_flat(x, res, out), ONE_PASS=one_pass, BLOCK_C=block_c,
+                FLAT=_planes_are_flat(x, res, out), ONE_PASS=one_pass, BLOCK_C=block_c,
                 BLOCK_HW=block_hw, num_warps=num_warps)
     return (N * num_c_blocks,), args, meta
 
@@ -372,11 +374,11 @@ def bwd_launch(grad, x, out, dx, dres, w1, b1, w2, b2, p, stats, idx, part, relu
     block_c, block_hw, one_pass, num_warps = _tiling(x)
     num_c_blocks = triton.cdiv(C, block_c)
     o = out if relu else x
-    e = dres if write_dres else dx
-    args = (grad, x, o, dx, e, w1, b1, w2, b2, p, stats, idx, part, C, W, H * W, N * C,
-            num_c_blocks, *grad.stride(), *x.stride(), *o.stride(), *dx.stride(), *e.stride())
+    dr = dres if write_dres else dx  # dres_ptr is written only with WRITE_DRES
+    args = (grad, x, o, dx, dr, w1, b1, w2, b2, p, stats, idx, part, C, W, H * W, N * C,
+            num_c_blocks, *grad.stride(), *x.stride(), *o.stride(), *dx.stride(), *dr.stride())
     meta = dict(RELU=relu, WRITE_DRES=write_dres, ACC=_TL_DTYPE[compute_dtype(x.dtype)],
-                FLAT=_flat(grad, x, o, dx, e), ONE_PASS=one_pass, BLOCK_C=block_c,
+                FLAT=_planes_are_flat(grad, x, o, dx, dr), ONE_PASS=one_pass, BLOCK_C=block_c,
                 BLOCK_HW=block_hw, num_warps=num_warps)
     return (N * num_c_blocks,), args, meta
 
@@ -470,10 +472,16 @@ def forward(x, w1, b1, w2, b2, p, residual, relu):
     return out, stats, idx
 
 
+def partials(x):
+    """The backward's scratch: the five per-(n, c) partial gradients as (N, C) planes, in the
+    compute dtype (see _spem_bwd_kernel)."""
+    return x.new_empty((5, *x.shape[:2]), dtype=compute_dtype(x.dtype))
+
+
 def backward(grad, x, out, stats, idx, w1, b1, w2, b2, p, relu, write_dres):
     dx, dres, *param_grads = backward_outputs(x, write_dres, (w1, b1, w2, b2, p))
     params = tuple(map(_dense, (w1, b1, w2, b2, p)))
-    part = x.new_empty((5, *x.shape[:2]), dtype=compute_dtype(x.dtype))
+    part = partials(x)
     with _on_device(x.device):
         if dx.numel() > 0:
             grid, args, meta = bwd_launch(grad, x, out, dx, dres, *params, stats, idx, part,

@@ -62,7 +62,6 @@ class Cifar:
     train_labels: torch.Tensor
     test_images: torch.Tensor
     test_labels: torch.Tensor
-    classes: list
 
 
 # --- finding, downloading, extracting ---
@@ -221,17 +220,21 @@ def load_cifar(name, root, download=True):
     """CIFAR-10 ("cifar10") or CIFAR-100 ("cifar100") from `root` (see prepare)."""
     spec = _spec(name)
     folder = prepare(name, root, download)
-    meta = read_pickle(os.path.join(folder, spec.meta))
-    if not isinstance(meta, dict) or not isinstance(meta.get(spec.names_key), list):
-        raise ValueError(f"{os.path.join(folder, spec.meta)}: expected a dict with "
-                         f"{spec.names_key!r}")
-    classes = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[spec.names_key]]
+    num_classes = _read_num_classes(os.path.join(folder, spec.meta), spec.names_key)
 
     def read(files):
-        parts = [read_batch(os.path.join(folder, f), spec.label_key, len(classes)) for f in files]
+        parts = [read_batch(os.path.join(folder, f), spec.label_key, num_classes) for f in files]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
-    return Cifar(*read(spec.train), *read(spec.test), classes)
+    return Cifar(*read(spec.train), *read(spec.test))
+
+
+def _read_num_classes(path, names_key):
+    """The number of class names in the meta file: the bound every label is checked against."""
+    meta = read_pickle(path)
+    if not isinstance(meta, dict) or not isinstance(meta.get(names_key), list):
+        raise ValueError(f"{path}: expected a dict with {names_key!r}")
+    return len(meta[names_key])
 
 
 # --- serving batches on the device ---
@@ -259,7 +262,8 @@ class CifarLoader:
     and flip come from one CPU generator seeded with `seed`, identical on every rank, so the
     run does not depend on the number of processes; rank r takes the r-th of `world_size`
     equal shards (the last few images of the permutation are dropped to make them equal,
-    so every rank runs the same number of steps). `generator` is saved in checkpoints.
+    so every rank runs the same number of steps). Between epochs that generator is all the
+    loader's state: get_state() and set_state() carry it through a checkpoint.
     """
 
     def __init__(self, images, labels, batch_size, device, *, train, seed=0, rank=0,
@@ -269,9 +273,18 @@ class CifarLoader:
         self.batch_size, self.device, self.train = batch_size, device, train
         self.rank, self.world_size = rank, world_size
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.generator = torch.Generator().manual_seed(seed)
+        self._generator = torch.Generator().manual_seed(seed)
         self.mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
+
+    def get_state(self):
+        """Where the loader's random stream stands (a uint8 tensor, as torch.Generator's):
+        the next epoch's order, crops and flips follow from it."""
+        return self._generator.get_state()
+
+    def set_state(self, state):
+        """Continue from get_state()'s state: the next epoch is the one it was saved before."""
+        self._generator.set_state(state)
 
     def shard_size(self):
         n = len(self.images)
@@ -283,9 +296,9 @@ class CifarLoader:
     def __iter__(self):
         n = len(self.images)
         if self.train:
-            order = torch.randperm(n, generator=self.generator)
-            shifts = torch.randint(0, 9, (n, 2), generator=self.generator).to(self.device)
-            flips = torch.randint(0, 2, (n,), generator=self.generator).bool().to(self.device)
+            order = torch.randperm(n, generator=self._generator)
+            shifts = torch.randint(0, 9, (n, 2), generator=self._generator).to(self.device)
+            flips = torch.randint(0, 2, (n,), generator=self._generator).bool().to(self.device)
             order = order[:n - n % self.world_size]
         else:
             order = torch.arange(n)

@@ -1,4 +1,9 @@
-"""Networks built on the SPEM layer."""
+"""Networks built on the SPEM layer: the paper's CIFAR ResNets, whose state_dict has the
+original trainer's layout (resnet_cifar.py).
+
+They import the layers below them (layer.py, ops.py, the backend names of backends/), never
+data/ or the trainer. The trainer (training.py) and benchmarks/ import them.
+"""
 from .resnet_cifar import cifar_resnet
 
 __all__ = ["cifar_resnet"]

@@ -6,9 +6,10 @@ specialised the way Triton's launcher does it (integers equal to 1 become consta
 16-divisible integers and pointers get divisibility hints). It catches what the
 interpreter cannot: code that does not compile, register spills, narrow loads.
 
-    python tests/triton_aot.py [--arch 90] [--json]   registers, spills, widest loads
+    python scripts/triton_aot.py [--arch 90] [--json]   registers, spills, widest loads
 
-It must run without TRITON_INTERPRET (tests/test_triton_compile.py starts it that way).
+It must run without TRITON_INTERPRET (tests/test_triton_compile.py starts it that way). It
+uses Triton's private compiler API (native_specialize_impl, ASTSource): a tool, not a test.
 """
 import argparse
 import json
@@ -24,8 +25,9 @@ from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 
-from spem_kernels.backends import compute_dtype
+from spem_kernels.backends.contract import backward_outputs, forward_outputs
 from spem_kernels.backends import triton_backend as tb
+from spem_kernels.cases import STAGES, stage_shape
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                          "cuobjdump")
@@ -73,17 +75,16 @@ def widest_global_load_bytes(compiled, elem_bytes):
 
 def launches(shape, dtype, channels_last, relu, residual):
     """(name, kernel, args, meta) for the forward and the two backward launches of one call."""
-    N, C = shape[:2]
+    C = shape[1]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.empty(shape, dtype=dtype).contiguous(memory_format=fmt)
     res = torch.empty_like(x) if residual else None
-    out, grad, dx, dres = (torch.empty_like(x) for _ in range(4))
-    params = [torch.empty(C) for _ in range(4)] + [torch.empty(2)]
-    acc = compute_dtype(dtype)
-    stats = torch.empty(N, C, 2, dtype=acc)
-    idx = torch.empty(N, C, 2, dtype=torch.int32)
-    part = torch.empty(5, N, C, dtype=acc)
-    param_grads = [torch.empty_like(t) for t in params]
+    grad = torch.empty_like(x)
+    params = [torch.empty(1, C, 1, 1) for _ in range(4)] + [torch.empty(2)]
+    # the tensors the backend allocates, as it allocates them
+    out, stats, idx = forward_outputs(x)
+    dx, dres, *param_grads = backward_outputs(x, residual and relu, params)
+    part = tb.partials(x)
     _, fargs, fmeta = tb.fwd_launch(x, res, out, *params, stats, idx, relu)
     _, bargs, bmeta = tb.bwd_launch(grad, x, out, dx, dres, *params, stats, idx, part, relu,
                                     residual and relu)
@@ -95,7 +96,7 @@ def launches(shape, dtype, channels_last, relu, residual):
 # The launches worth compiling: the ResNet-164 block tail at each stage shape in both
 # layouts and both training dtypes, the plain gate, a plane that loops, float64.
 CASES = [(shape, dtype, cl, True, True)
-         for shape in [(2, 64, 32, 32), (2, 128, 16, 16), (2, 256, 8, 8)]
+         for shape in [stage_shape(stage, batch=2) for stage in STAGES]
          for dtype in (torch.float32, torch.bfloat16) for cl in (False, True)] + [
     ((2, 64, 32, 32), torch.float32, False, False, False),
     ((1, 2, 100, 100), torch.float32, False, True, True),
