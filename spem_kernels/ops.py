@@ -1,7 +1,7 @@
 """The SPEM op, written once for every kernel backend.
 
 Argument checks, backend choice, autograd and the torch.library registration live here;
-a backend only launches kernels (see backends/__init__.py for its two entry points).
+a backend only launches kernels (see backends/contract.py for its entry points).
 
 The op runs 54 times per ResNet-164 forward, so the eager call path is built for the least
 host time per call. Three call paths, one autograd formula (`_gradients`; the native
@@ -114,7 +114,8 @@ def _gradients(ctx, grad, backward_kernels):
 
 
 class _SpemFunction(torch.autograd.Function):
-    """The eager call path: the backend's kernels called directly, one autograd node.
+    """The eager call path of a backend that wires no autograd of its own (Triton): its
+    kernels called directly, one autograd node.
 
     forward(ctx, ...) rather than a separate setup_context: with the latter, every apply()
     binds its arguments through inspect.signature, about half of this path's Python cost.

@@ -1,7 +1,7 @@
 """Native backend: the C++/CUDA kernels of csrc/ (built and loaded by native_build).
 
 The library registers the ops torch.ops.spem_native.spem_forward / spem_backward, whose
-arguments and results are this module's `forward` / `backward` (backends/__init__.py), and
+arguments and results are this module's `forward` / `backward` (backends/contract.py), and
 spem_native.spem, the differentiable op with its autograd in C++ (`differentiable`), which
 the eager call path uses: the cheapest on the host (see csrc/spem_autograd.cpp).
 """
