@@ -95,7 +95,8 @@ def _ready_step(attention, backend, precision, mode, device, batch, depth, warmu
     return step, extra
 
 
-def _reason(e):
+def failure_reason(e):
+    """An exception as a row's n/a: its type and the first line of its message."""
     first_line = (str(e).strip().splitlines() or [""])[0]
     return f"{type(e).__name__}: {first_line[:200]}"
 
@@ -113,7 +114,7 @@ def time_steps(labels, precision, mode, device, batch, depth, steps, rounds, war
                                                    batch, depth, warmup)
                 workloads[label] = [call]
             except Exception as e:  # a variant that fails (a capture, a compile) is a row's n/a
-                results[label] = {"error": _reason(e)}
+                results[label] = {"error": failure_reason(e)}
     # One more untimed step each once all are built: building and compiling one variant can
     # invalidate what dynamo compiled for another (guards on shared code), and the
     # recompilation belongs in no timed round.

@@ -161,8 +161,7 @@ def attempt(fn):
     try:
         return fn(), None
     except Exception as e:
-        first_line = (str(e).strip().splitlines() or [""])[0]
-        return None, f"{type(e).__name__}: {first_line[:200]}"
+        return None, model_bench.failure_reason(e)
 
 
 def op_for_impl(impl):

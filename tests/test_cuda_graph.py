@@ -9,12 +9,12 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from spem_kernels import spem, train
 from spem_kernels.backends import compiled_backends
 from spem_kernels.models import cifar_resnet
 from spem_kernels.timing import capture
+from spem_kernels.training import make_optimizer, make_train_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 BACKENDS = compiled_backends("cuda") if torch.cuda.is_available() else []
@@ -56,12 +56,12 @@ def test_op_forward_backward_replays_like_eager(backend, dtype, memory_format):
             assert torch.equal(got, want), name  # the same kernels on the same values
 
 
-def _train_step(model, optimizer, images, labels, autocast):
-    with autocast:
-        loss = F.cross_entropy(model(images).float(), labels) + ALPHA * model.spem_penalty()
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
+def _trainer_step(model, net, autocast, lr=0.05, weight_decay=1e-4):
+    """The trainer's own step (zero_grad, forward, loss, backward, SGD) for `model` (net, or a
+    compiled form of it); the step returns (loss, cross-entropy, penalty, correct)."""
+    optimizer = make_optimizer(net, lr, 0.9, weight_decay)
+    no_scaler = torch.amp.GradScaler("cuda", enabled=False)
+    return make_train_step(model, net, optimizer, no_scaler, autocast, ALPHA)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -78,15 +78,11 @@ def test_resnet164_training_step_captures_and_matches_uncaptured_steps(backend, 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16, cache_enabled=False)
     eager = cifar_resnet(164, 10, "bottleneck", "spem", backend).cuda().to(memory_format=fmt)
     graphed = copy.deepcopy(eager)
-    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-                  for m in (eager, graphed)]
+    eager_step, graphed_step = (_trainer_step(m, m, autocast) for m in (eager, graphed))
     batches = [(torch.randn(16, 3, 32, 32, device="cuda").contiguous(memory_format=fmt),
                 torch.randint(0, 10, (16,), device="cuda")) for _ in range(6)]
 
-    eager_losses = []
-    for images, labels in batches:
-        optimizers[0].zero_grad(set_to_none=True)
-        eager_losses.append(_train_step(eager, optimizers[0], images, labels, autocast))
+    eager_losses = [eager_step(images, labels)[0] for images, labels in batches]
 
     static_images, static_labels = (t.clone() for t in batches[0])
     warm = iter(batches[:3])
@@ -96,8 +92,7 @@ def test_resnet164_training_step_captures_and_matches_uncaptured_steps(backend, 
         if images is not None:  # the warm-up steps are real steps on the first batches
             static_images.copy_(images)
             static_labels.copy_(labels)
-        optimizers[1].zero_grad(set_to_none=True)
-        return _train_step(graphed, optimizers[1], static_images, static_labels, autocast)
+        return graphed_step(static_images, static_labels)[0]
 
     captured = capture(step, warmup=3)
     graphed_losses = []
@@ -124,21 +119,13 @@ def test_torch_compile_reduce_overhead_trains_like_eager(backend):
     eager = cifar_resnet(11, 10, "bottleneck", "spem", backend).cuda()
     compiled_net = copy.deepcopy(eager)
     compiled = torch.compile(compiled_net, mode="reduce-overhead")
-    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
-                  for m in (eager, compiled_net)]
     off = torch.autocast("cuda", enabled=False)
+    steps = [_trainer_step(eager, eager, off, weight_decay=0),
+             _trainer_step(compiled, compiled_net, off, weight_decay=0)]
     for _ in range(3):
         images = torch.randn(16, 3, 32, 32, device="cuda")
         labels = torch.randint(0, 10, (16,), device="cuda")
-        losses = []
-        for model, net, optimizer in ((eager, eager, optimizers[0]),
-                                      (compiled, compiled_net, optimizers[1])):
-            optimizer.zero_grad(set_to_none=True)
-            with off:
-                loss = F.cross_entropy(model(images), labels) + ALPHA * net.spem_penalty()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.detach().clone())
+        losses = [step(images, labels)[0].clone() for step in steps]
         torch.testing.assert_close(losses[1], losses[0], rtol=1e-3, atol=1e-4)
     # inductor skips CUDA graphs (and says why in this counter) for a graph it cannot capture
     assert counters["inductor"]["cudagraph_skips"] == 0

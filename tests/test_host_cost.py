@@ -12,6 +12,7 @@ import torch
 from op_inputs import make_inputs
 from spem_kernels import spem
 from spem_kernels.backends import triton_backend, unavailable_reason
+from spem_kernels.cases import block_tail_inputs
 from spem_kernels.timing import dispatched_ops
 
 # What autograd itself dispatches around any op that saves tensors (plain relu(x + r)
@@ -23,12 +24,9 @@ ALLOCATIONS = {"aten.empty_like.default", "aten.new_empty.default", "aten.empty.
 
 def forward_backward_ops(backend):
     """(forward ops, backward ops) of one block-tail call at a ResNet-164 stage-3 plane."""
-    N, C, H, W = 2, 64, 8, 8
-    x, residual = (torch.randn(N, C, H, W, requires_grad=True) for _ in range(2))
-    params = [torch.randn(1, C, 1, 1, requires_grad=True) for _ in range(4)]
-    params.append(torch.randn(2, requires_grad=True))
-    leaves = [x, *params, residual]
-    grad_out = torch.randn(N, C, H, W)
+    inputs = block_tail_inputs((2, 64, 8, 8), requires_grad=True)
+    x, *params, residual = inputs.args()
+    leaves, grad_out = inputs.leaves(), inputs.grad_out
     spem(x, *params, residual, relu=True, backend=backend)  # first call: resolves the backend
     out, fwd = dispatched_ops(lambda: spem(x, *params, residual, relu=True, backend=backend))
     grads, bwd = dispatched_ops(lambda: torch.autograd.grad(out, leaves, grad_out))
