@@ -78,8 +78,7 @@ BackwardResult spem_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
     return {dx, dres, dw1, db1, dw2, db2, dp};
   }
   const at::Tensor stats_c = stats.contiguous(), idx_c = idx.contiguous();
-  const at::Tensor partials = at::empty({x.size(0), x.size(1), kPartials}, stats.options());
-  const at::Tensor blocks_done = at::empty({1}, idx.options());
+  const at::Tensor partials = at::empty({kPartials, x.size(0), x.size(1)}, stats.options());
   const at::Tensor& dr = write_dres ? dres : dx;  // dres is written only with write_dres
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spem_backward_cuda", [&] {
     using T = typename CudaType<scalar_t>::type;
@@ -90,8 +89,7 @@ BackwardResult spem_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
         strides_of(out), strides_of(dx), strides_of(dr),
         data_of<const Acc>(prm[0]), data_of<const Acc>(prm[1]), data_of<const Acc>(prm[2]),
         data_of<const Acc>(prm[3]), data_of<const Acc>(prm[4]), data_of<const Acc>(stats_c),
-        data_of<const int32_t>(idx_c), data_of<Acc>(partials),
-        data_of<unsigned int>(blocks_done), data_of<Acc>(grads.written[0]),
+        data_of<const int32_t>(idx_c), data_of<Acc>(partials), data_of<Acc>(grads.written[0]),
         data_of<Acc>(grads.written[1]), data_of<Acc>(grads.written[2]),
         data_of<Acc>(grads.written[3]), data_of<Acc>(grads.written[4]), x.size(0), x.size(1),
         x.size(2), x.size(3), relu};

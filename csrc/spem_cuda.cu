@@ -8,9 +8,9 @@
 //   sample; lanes run along the contiguous channels, rows of threads along the positions.
 // Both use 16-byte loads and stores (VEC elements) when every tensor's layout and alignment
 // allow it, else one element at a time. Ties go to the first position (Extremes::merge is
-// order-free); sums reduce in a fixed order. The backward's per-(n, c) partials are summed
-// over n, in order of n, into the parameter gradients (and p's) by the last block to finish
-// (an integer counter, no float atomics).
+// order-free); sums reduce in a fixed order. The backward writes per-(n, c) partials, which a
+// second, small kernel (param_grads) sums over n into the parameter gradients and over n and
+// c into p's, each in a fixed order across many blocks: deterministic, no float atomics.
 #include "spem_cuda.h"
 
 #include <initializer_list>
@@ -50,7 +50,8 @@ struct alignas(sizeof(T) * VEC) Pack {
 };
 
 // Offset of row-major position p in a plane; flat planes (h stride = W * w stride) skip the
-// division.
+// division. Positions fit in int32 (the bindings check H * W); the loops that walk them
+// count in int64 (q), so that q + step cannot overflow near the end of a plane of 2^31 - 1.
 __device__ __forceinline__ int64_t pos_offset(const Strides& s, int32_t p, int32_t W, bool flat) {
   if (flat) return p * s.w;
   const int32_t h = p / W;
@@ -169,10 +170,12 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t plane = int64_t(blockIdx.x) * (kThreads / group) + threadIdx.x / group;
   const bool active = plane < a.N * a.C;
   const int64_t n = active ? plane / a.C : 0, c = active ? plane % a.C : 0;
-  const int32_t W = a.W, HW = a.H * a.W, step = group * VEC;
+  const int32_t W = a.W;
+  const int64_t HW = a.H * a.W, step = group * VEC;
   Extremes<Acc> e = Extremes<Acc>::empty();
   if (active)
-    for (int32_t p = lane * VEC; p < HW; p += step) {
+    for (int64_t q = lane * VEC; q < HW; q += step) {
+      const int32_t p = int32_t(q);
       Acc y[VEC];
       load<VEC>(a.x + offset(a.sx, n, c, p, W, flat), y);
 #pragma unroll
@@ -185,7 +188,8 @@ __global__ void __launch_bounds__(kThreads)
   Acc g[VEC];
 #pragma unroll
   for (int j = 0; j < VEC; ++j) g[j] = gate;
-  for (int32_t p = lane * VEC; p < HW; p += step) {
+  for (int64_t q = lane * VEC; q < HW; q += step) {
+    const int32_t p = int32_t(q);
     Acc y[VEC];
     load<VEC>(a.x + offset(a.sx, n, c, p, W, flat), y);
     write_out<VEC>(a, y, g, offset(a.sr, n, c, p, W, flat), offset(a.so, n, c, p, W, flat));
@@ -202,12 +206,14 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t n = blockIdx.x / tiles, c0 = blockIdx.x % tiles * kTile;
   const int lc = threadIdx.x % LC, row = threadIdx.x / LC;
   const int64_t c = c0 + lc * VEC;  // VEC > 1 needs C % VEC == 0: all or none are in range
-  const int32_t W = a.W, HW = a.H * a.W;
+  const int32_t W = a.W;
+  const int64_t HW = a.H * a.W;
   Extremes<Acc> e[VEC];
 #pragma unroll
   for (int j = 0; j < VEC; ++j) e[j] = Extremes<Acc>::empty();
   if (c < a.C)
-    for (int32_t p = row; p < HW; p += kRows) {
+    for (int64_t q = row; q < HW; q += kRows) {
+      const int32_t p = int32_t(q);
       Acc y[VEC];
       load<VEC>(a.x + offset(a.sx, n, c, p, W, flat), y);
 #pragma unroll
@@ -223,7 +229,8 @@ __global__ void __launch_bounds__(kThreads)
   Acc g[VEC];
 #pragma unroll
   for (int j = 0; j < VEC; ++j) g[j] = gate[lc * VEC + j];
-  for (int32_t p = row; p < HW; p += kRows) {
+  for (int64_t q = row; q < HW; q += kRows) {
+    const int32_t p = int32_t(q);
     Acc y[VEC];
     load<VEC>(a.x + offset(a.sx, n, c, p, W, flat), y);
     write_out<VEC>(a, y, g, offset(a.sr, n, c, p, W, flat), offset(a.so, n, c, p, W, flat));
@@ -245,44 +252,15 @@ __device__ __forceinline__ void masked_grad(const BackwardArgs<T, Acc>& a, int64
   }
 }
 
-// The last block to finish sums the partials over n, in order of n, into the parameter
-// gradients, then sums the last column over c into p's gradient (spem_math.h).
-template <typename T, typename Acc>
-__device__ void reduce_partials_if_last(const BackwardArgs<T, Acc>& a) {
-  __shared__ bool last;
-  __threadfence();  // this block's partials are visible before it counts as done
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(a.blocks_done, 1u) == gridDim.x - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  Acc* const grads[4] = {a.dw1, a.db1, a.dw2, a.db2};
-  for (int64_t k = threadIdx.x; k < a.C * kPartials; k += blockDim.x) {
-    Acc s = 0;
-    for (int64_t n = 0; n < a.N; ++n) s += __ldcg(a.partials + n * a.C * kPartials + k);
-    const int64_t c = k / kPartials, column = k % kPartials;
-    if (column < 4)
-      grads[column][c] = s;
-    else
-      a.partials[k] = s;  // row n = 0 of column 4, read by no other thread: D's terms
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    Acc D = 0;
-    for (int64_t c = 0; c < a.C; ++c) D += a.partials[c * kPartials + 4];
-    p_gradient(a.p, D, a.dp);
-  }
-}
-
 template <typename T, typename Acc>
 __device__ PlaneGrads<Acc> plane_backward(const BackwardArgs<T, Acc>& a, int64_t n, int64_t c,
                                           Acc S, bool write_partials) {
   const int64_t nc = n * a.C + c;
   const PlaneGrads<Acc> pg = plane_grads(S, a.stats[2 * nc], a.stats[2 * nc + 1],
                                          load_params(a.w1, a.b1, a.w2, a.b2, a.p, c));
-  if (write_partials)
+  if (write_partials)  // (kPartials, N, C): one (N, C) plane per partial
 #pragma unroll
-    for (int k = 0; k < kPartials; ++k) a.partials[nc * kPartials + k] = pg.part[k];
+    for (int k = 0; k < kPartials; ++k) a.partials[k * a.N * a.C + nc] = pg.part[k];
   return pg;
 }
 
@@ -313,10 +291,12 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t plane = int64_t(blockIdx.x) * (kThreads / group) + threadIdx.x / group;
   const bool active = plane < a.N * a.C;
   const int64_t n = active ? plane / a.C : 0, c = active ? plane % a.C : 0;
-  const int32_t W = a.W, HW = a.H * a.W, step = group * VEC;
+  const int32_t W = a.W;
+  const int64_t HW = a.H * a.W, step = group * VEC;
   Acc S = 0;
   if (active)
-    for (int32_t p = lane * VEC; p < HW; p += step) {
+    for (int64_t q = lane * VEC; q < HW; q += step) {
+      const int32_t p = int32_t(q);
       Acc G[VEC], y[VEC];
       masked_grad<VEC>(a, offset(a.sg, n, c, p, W, flat), offset(a.so, n, c, p, W, flat), G);
       load<VEC>(a.x + offset(a.sx, n, c, p, W, flat), y);
@@ -333,7 +313,8 @@ __global__ void __launch_bounds__(kThreads)
       g[j] = pg.g, dM[j] = pg.dM, dm[j] = pg.dm;
       imax[j] = a.idx[2 * (n * a.C + c)], imin[j] = a.idx[2 * (n * a.C + c) + 1];
     }
-    for (int32_t p = lane * VEC; p < HW; p += step) {
+    for (int64_t q = lane * VEC; q < HW; q += step) {
+      const int32_t p = int32_t(q);
       Acc G[VEC];
       int32_t pos[VEC];
 #pragma unroll
@@ -343,7 +324,6 @@ __global__ void __launch_bounds__(kThreads)
                              offset(a.sdr, n, c, p, W, flat));
     }
   }
-  reduce_partials_if_last(a);
 }
 
 template <typename T, typename Acc, int VEC, int LC>
@@ -357,12 +337,14 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t n = blockIdx.x / tiles, c0 = blockIdx.x % tiles * kTile;
   const int lc = threadIdx.x % LC, row = threadIdx.x / LC;
   const int64_t c = c0 + lc * VEC;
-  const int32_t W = a.W, HW = a.H * a.W;
+  const int32_t W = a.W;
+  const int64_t HW = a.H * a.W;
   Acc S[VEC];
 #pragma unroll
   for (int j = 0; j < VEC; ++j) S[j] = 0;
   if (c < a.C)
-    for (int32_t p = row; p < HW; p += kRows) {
+    for (int64_t q = row; q < HW; q += kRows) {
+      const int32_t p = int32_t(q);
       Acc G[VEC], y[VEC];
       masked_grad<VEC>(a, offset(a.sg, n, c, p, W, flat), offset(a.so, n, c, p, W, flat), G);
       load<VEC>(a.x + offset(a.sx, n, c, p, W, flat), y);
@@ -386,7 +368,8 @@ __global__ void __launch_bounds__(kThreads)
       const int t = lc * VEC + j;
       g[j] = gate[t], dM[j] = dmax[t], dm[j] = dmin[t], imax[j] = pmax[t], imin[j] = pmin[t];
     }
-    for (int32_t p = row; p < HW; p += kRows) {
+    for (int64_t q = row; q < HW; q += kRows) {
+      const int32_t p = int32_t(q);
       Acc G[VEC];
       int32_t pos[VEC];
 #pragma unroll
@@ -396,7 +379,43 @@ __global__ void __launch_bounds__(kThreads)
                              offset(a.sdr, n, c, p, W, flat));
     }
   }
-  reduce_partials_if_last(a);
+}
+
+// The parameter gradients from the backward's partials, (kPartials, N, C): blocks
+// 0 .. 4 * channel_blocks - 1 each sum kSumChannels channels of one of the first four planes
+// over n (dw1, db1, dw2, db2: a thread per channel and row group, the groups combined in
+// order); the last block sums the fifth plane over n and c into D and forms p's gradient
+// (spem_math.h). Every sum has a fixed order: two runs give bitwise equal gradients.
+constexpr int kSumChannels = 32;
+constexpr int kSumRows = kThreads / kSumChannels;
+
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(kThreads) param_grads(const BackwardArgs<T, Acc> a) {
+  const int64_t NC = a.N * a.C, channel_blocks = (a.C + kSumChannels - 1) / kSumChannels;
+  if (blockIdx.x < 4 * channel_blocks) {
+    __shared__ Acc rows[kSumRows][kSumChannels];
+    const int64_t plane = blockIdx.x / channel_blocks;
+    const int lane = threadIdx.x % kSumChannels, row = threadIdx.x / kSumChannels;
+    const int64_t c = blockIdx.x % channel_blocks * kSumChannels + lane;
+    const Acc* part = a.partials + plane * NC;
+    Acc s = 0;
+    if (c < a.C)
+      for (int64_t n = row; n < a.N; n += kSumRows) s += part[n * a.C + c];
+    rows[row][lane] = s;
+    __syncthreads();
+    if (row == 0 && c < a.C) {
+      for (int r = 1; r < kSumRows; ++r) s += rows[r][lane];
+      Acc* const grads[4] = {a.dw1, a.db1, a.dw2, a.db2};
+      grads[plane][c] = s;
+    }
+    return;
+  }
+  const Acc* part = a.partials + 4 * NC;
+  Acc D = 0;
+#pragma unroll 4
+  for (int64_t k = threadIdx.x; k < NC; k += kThreads) D += part[k];
+  D = group_reduce(D, kThreads);
+  if (threadIdx.x == 0) p_gradient(a.p, D, a.dp);
 }
 
 // --- launch configuration ---
@@ -474,17 +493,19 @@ cudaError_t launch_spem_forward(const ForwardArgs<T, Acc>& a, cudaStream_t strea
 template <typename T, typename Acc>
 cudaError_t launch_spem_backward(const BackwardArgs<T, Acc>& a, cudaStream_t stream) {
   if (a.N * a.C * a.H * a.W == 0) return cudaSuccess;
-  const cudaError_t err = cudaMemsetAsync(a.blocks_done, 0, sizeof(unsigned int), stream);
-  if (err != cudaSuccess) return err;
   constexpr int kVec = 16 / sizeof(T);
   const Layout l = choose_layout<T>({{a.grad, a.sg}, {a.x, a.sx}, {a.relu ? a.out : nullptr, a.so},
                                      {a.dx, a.sd}, {a.dres, a.sdr}},
                                     a.C, a.H, a.W, a.sx.c == 1 && a.C > 1);
-  if (l.vec)
-    return launch(a, l, kVec, backward_planes<T, Acc, kVec>, backward_channels<T, Acc, kVec, 8>,
-                  8, stream);
-  return launch(a, l, 1, backward_planes<T, Acc, 1>, backward_channels<T, Acc, 1, 32>, 32,
-                stream);
+  const cudaError_t err =
+      l.vec ? launch(a, l, kVec, backward_planes<T, Acc, kVec>, backward_channels<T, Acc, kVec, 8>,
+                     8, stream)
+            : launch(a, l, 1, backward_planes<T, Acc, 1>, backward_channels<T, Acc, 1, 32>, 32,
+                     stream);
+  if (err != cudaSuccess) return err;
+  const int64_t channel_blocks = (a.C + kSumChannels - 1) / kSumChannels;
+  param_grads<T, Acc><<<4 * channel_blocks + 1, kThreads, 0, stream>>>(a);
+  return cudaGetLastError();
 }
 
 #define SPEM_INSTANTIATE(T, Acc)                                                              \

@@ -40,15 +40,15 @@ struct BackwardArgs {
   const Acc *w1, *b1, *w2, *b2, *p;
   const Acc* stats;
   const int32_t* idx;
-  Acc* partials;              // (N, C, 5) scratch
-  unsigned int* blocks_done;  // one counter of scratch, zeroed by the launcher
+  Acc* partials;               // (5, N, C) scratch: the per-(n, c) partials of spem_math.h
   Acc *dw1, *db1, *dw2, *db2;  // C values each: the partials summed over n
   Acc* dp;                     // 2 values: p's gradient
   int64_t N, C, H, W;
   bool relu;
 };
 
-// One kernel launch each on `stream`; returns the launch's error code.
+// On `stream`: the forward is one kernel launch, the backward two (input gradients and
+// partials, then their reduction into the parameter gradients); returns the launch error.
 template <typename T, typename Acc>
 cudaError_t launch_spem_forward(const ForwardArgs<T, Acc>& args, cudaStream_t stream);
 

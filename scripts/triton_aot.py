@@ -73,8 +73,9 @@ def widest_global_load_bytes(compiled, elem_bytes):
     return max(widths, default=elem_bytes)
 
 
-def launches(shape, dtype, channels_last, relu, residual):
-    """(name, kernel, args, meta) for the forward and the two backward launches of one call."""
+def launches(shape, dtype, channels_last, relu, residual, wide=False):
+    """(name, kernel, args, meta) for the forward and the two backward launches of one call;
+    wide: as for tensors whose samples span 2**31 elements (int64 offsets)."""
     C = shape[1]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.empty(shape, dtype=dtype).contiguous(memory_format=fmt)
@@ -89,29 +90,36 @@ def launches(shape, dtype, channels_last, relu, residual):
     _, bargs, bmeta = tb.bwd_launch(grad, x, out, dx, dres, *params, stats, idx, part, relu,
                                     residual and relu)
     _, gargs, gmeta = tb.grads_launch(part, params[4], *param_grads)
+    if wide:
+        fmeta, bmeta = dict(fmeta, WIDE=True), dict(bmeta, WIDE=True)
     return [("fwd", tb._spem_fwd_kernel, fargs, fmeta), ("bwd", tb._spem_bwd_kernel, bargs, bmeta),
             ("grads", tb._spem_param_grads_kernel, gargs, gmeta)]
 
 
 # The launches worth compiling: the ResNet-164 block tail at each stage shape in both
-# layouts and both training dtypes, the plain gate, a plane that loops, float64.
-CASES = [(shape, dtype, cl, True, True)
+# layouts and both training dtypes, the plain gate, a plane that loops, float64, the largest
+# and the smallest ImageNet plane, and int64 offsets (wide).
+CASES = [(shape, dtype, cl, True, True, False)
          for shape in [stage_shape(stage, batch=2) for stage in STAGES]
          for dtype in (torch.float32, torch.bfloat16) for cl in (False, True)] + [
-    ((2, 64, 32, 32), torch.float32, False, False, False),
-    ((1, 2, 100, 100), torch.float32, False, True, True),
-    ((1, 2, 100, 100), torch.bfloat16, True, True, True),
-    ((2, 5, 13, 17), torch.float64, True, True, True),
+    ((2, 64, 32, 32), torch.float32, False, False, False, False),
+    ((1, 2, 100, 100), torch.float32, False, True, True, False),
+    ((1, 2, 100, 100), torch.bfloat16, True, True, True, False),
+    ((2, 5, 13, 17), torch.float64, True, True, True, False),
+    (stage_shape("in112", batch=1), torch.float32, False, True, True, False),
+    (stage_shape("in7", batch=1), torch.bfloat16, True, True, True, False),
+    ((2, 64, 32, 32), torch.float32, False, True, True, True),
 ]
 
 
 def report(arch):
     """Compile every case; return rows of (case, kernel, meta, resources, widest load)."""
     rows = []
-    for shape, dtype, cl, relu, residual in CASES:
-        for name, kernel, args, meta in launches(shape, dtype, cl, relu, residual):
+    for shape, dtype, cl, relu, residual, wide in CASES:
+        for name, kernel, args, meta in launches(shape, dtype, cl, relu, residual, wide):
             compiled = compile_launch(kernel, args, meta, arch)
-            case = f"{shape} {str(dtype)[6:]} {'NHWC' if cl else 'NCHW'} relu={relu} res={residual}"
+            case = (f"{shape} {str(dtype)[6:]} {'NHWC' if cl else 'NCHW'} relu={relu} "
+                    f"res={residual}" + (" wide" if wide else ""))
             rows.append((case, name, meta, resource_usage(compiled),
                          widest_global_load_bytes(compiled, torch.empty(0, dtype=dtype).element_size())))
     return rows

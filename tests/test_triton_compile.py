@@ -38,7 +38,7 @@ def test_every_launch_compiles_for_sm80_and_sm90(compiled):
 def stage_rows(compiled):
     """The stage-shape launches of the kernels that walk the planes (fwd and bwd)."""
     rows = [r for r in compiled if r["case"].startswith(("(2, 64,", "(2, 128,", "(2, 256,"))
-            and r["kernel"] != "grads"]
+            and r["kernel"] != "grads" and not r["case"].endswith("wide")]
     assert rows
     return rows
 

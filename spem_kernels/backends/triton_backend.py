@@ -7,6 +7,9 @@ written once; larger planes loop twice over the plane (reduce, then write).
 Tensors are addressed through their strides, so NCHW, channels_last and sliced inputs
 need no copy. When each plane is flat (stride_h == W * stride_w, true for both dense
 memory formats) the position index is used directly instead of being split into (h, w).
+Offsets within a sample are int32 arithmetic, the fastest, unless a tensor's sample spans
+2**31 elements or more (WIDE: they are formed in int64 then); the sample's own offset is
+always int64.
 """
 import contextlib
 import os
@@ -116,7 +119,7 @@ def _spem_fwd_kernel(
     C, W, HW, num_c_blocks,
     sx_n, sx_c, sx_h, sx_w, sr_n, sr_c, sr_h, sr_w, so_n, so_c, so_h, so_w,
     HAS_RES: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr, FLAT: tl.constexpr,
-    ONE_PASS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    WIDE: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     """Per plane y = x[n, c]: M = max(y), m = min(y) (first position on ties, NaN if any
     element is NaN), gate g from SPEM.md, out = relu?(g * y + residual). Saves M, m and
@@ -126,6 +129,9 @@ def _spem_fwd_kernel(
     c = (pid % num_c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     hw0 = tl.arange(0, BLOCK_HW)
+    if WIDE:  # c * stride_c and positions * strides reach 2**31: form them in int64
+        c = c.to(tl.int64)
+        hw0 = hw0.to(tl.int64)
     x_base = x_ptr + n * sx_n + c[:, None] * sx_c
     r_base = res_ptr + n * sr_n + c[:, None] * sr_c
     o_base = out_ptr + n * so_n + c[:, None] * so_c
@@ -198,7 +204,7 @@ def _spem_bwd_kernel(
     sg_n, sg_c, sg_h, sg_w, sx_n, sx_c, sx_h, sx_w, so_n, so_c, so_h, so_w,
     sd_n, sd_c, sd_h, sd_w, sdr_n, sdr_c, sdr_h, sdr_w,
     RELU: tl.constexpr, WRITE_DRES: tl.constexpr, ACC: tl.constexpr, FLAT: tl.constexpr,
-    ONE_PASS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    WIDE: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     """G = dL/dout (masked by out > 0 with relu); S = sum(G * y) over the plane;
     dZ = S s1 s2 (1 - s2), dU = S s1 s2 (1 - s1), dA = dU + dZ w1 q0, dB = dU + dZ w1 q1;
@@ -211,6 +217,9 @@ def _spem_bwd_kernel(
     c = (pid % num_c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     hw0 = tl.arange(0, BLOCK_HW)
+    if WIDE:  # c * stride_c and positions * strides reach 2**31: form them in int64
+        c = c.to(tl.int64)
+        hw0 = hw0.to(tl.int64)
     g_base = g_ptr + n * sg_n + c[:, None] * sg_c
     x_base = x_ptr + n * sx_n + c[:, None] * sx_c
     o_base = out_ptr + n * so_n + c[:, None] * so_c
@@ -347,6 +356,13 @@ def _tiling(x):
     return block_c, block_hw, one_pass, num_warps
 
 
+def _wide(*tensors):
+    """Whether an offset within one sample of a tensor may reach 2**31 (int32 would wrap):
+    the WIDE constexpr, which forms those offsets in int64."""
+    return any(sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:]))
+               >= 2**31 for t in tensors)
+
+
 def _planes_are_flat(*tensors):
     """Whether every tensor's planes are evenly spaced rows (h stride = W * w stride): then a
     kernel addresses position hw as hw * w stride, with no division (the FLAT constexpr)."""
@@ -363,8 +379,8 @@ def fwd_launch(x, residual, out, w1, b1, w2, b2, p, stats, idx, relu):
     args = (x, res, out, w1, b1, w2, b2, p, stats, idx, C, W, H * W, num_c_blocks,
             *x.stride(), *res.stride(), *out.stride())
     meta = dict(HAS_RES=residual is not None, RELU=relu, ACC=_TL_DTYPE[compute_dtype(x.dtype)],
-                FLAT=_planes_are_flat(x, res, out), ONE_PASS=one_pass, BLOCK_C=block_c,
-                BLOCK_HW=block_hw, num_warps=num_warps)
+                FLAT=_planes_are_flat(x, res, out), WIDE=_wide(x, res, out), ONE_PASS=one_pass,
+                BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps)
     return (N * num_c_blocks,), args, meta
 
 
@@ -378,8 +394,8 @@ def bwd_launch(grad, x, out, dx, dres, w1, b1, w2, b2, p, stats, idx, part, relu
     args = (grad, x, o, dx, dr, w1, b1, w2, b2, p, stats, idx, part, C, W, H * W, N * C,
             num_c_blocks, *grad.stride(), *x.stride(), *o.stride(), *dx.stride(), *dr.stride())
     meta = dict(RELU=relu, WRITE_DRES=write_dres, ACC=_TL_DTYPE[compute_dtype(x.dtype)],
-                FLAT=_planes_are_flat(grad, x, o, dx, dr), ONE_PASS=one_pass, BLOCK_C=block_c,
-                BLOCK_HW=block_hw, num_warps=num_warps)
+                FLAT=_planes_are_flat(grad, x, o, dx, dr), WIDE=_wide(grad, x, o, dx, dr),
+                ONE_PASS=one_pass, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps)
     return (N * num_c_blocks,), args, meta
 
 
