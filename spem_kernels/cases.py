@@ -18,14 +18,25 @@ from .reference import spem_reference
 # (C, H, W) of each stage's block output in a CIFAR ResNet-164 (bottleneck width 4 * planes).
 STAGES = {"stage1": (64, 32, 32), "stage2": (128, 16, 16), "stage3": (256, 8, 8)}
 FULL_BATCH = 128  # the training batch of the paper's CIFAR runs
+# (C, H, W) of the planes a drop-in layer meets in an ImageNet ResNet-50-like network: the
+# stem's output and each stage's block output, larger planes than CIFAR's.
+IMAGENET_STAGES = {"in112": (64, 112, 112), "in56": (256, 56, 56), "in28": (512, 28, 28),
+                   "in14": (1024, 14, 14), "in7": (2048, 7, 7)}
+IMAGENET_BATCH = 64
+# Named sets of stages, with the batch each is measured at by default.
+SHAPE_SETS = {"cifar": (STAGES, FULL_BATCH), "imagenet": (IMAGENET_STAGES, IMAGENET_BATCH)}
+ALL_STAGES = {**STAGES, **IMAGENET_STAGES}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 DIRECTIONS = ("fwd", "fwd+bwd")
 
 
-def stage_shape(stage, batch=FULL_BATCH):
-    """(N, C, H, W) of `stage`'s block output at `batch`."""
-    return (batch, *STAGES[stage])
+def stage_shape(stage, batch=None):
+    """(N, C, H, W) of `stage`'s block output (a CIFAR or an ImageNet stage) at `batch`
+    (default: its set's batch)."""
+    if batch is None:
+        batch = FULL_BATCH if stage in STAGES else IMAGENET_BATCH
+    return (batch, *ALL_STAGES[stage])
 
 
 @dataclass

@@ -22,12 +22,15 @@ def layout(t, kind):
 
 def make_inputs(shape, dtype, device, kind="contiguous", residual=True):
     """x, w1, b1, w2, b2, p, residual: x and residual in `dtype`, parameters in float32
-    (float64 when dtype is float64), all fresh random."""
+    (float64 when dtype is float64), all fresh random. `kind`: a layout() kind for both, or
+    "mixed": x a strided view and the residual channels_last (a kernel must address each
+    tensor through its own strides)."""
     C = shape[1]
+    x_kind, res_kind = ("sliced", "channels_last") if kind == "mixed" else (kind, kind)
     pdtype = torch.float64 if dtype == torch.float64 else torch.float32
-    x = layout(torch.randn(shape, device=device).to(dtype), kind)
+    x = layout(torch.randn(shape, device=device).to(dtype), x_kind)
     params = [0.5 * torch.randn(C, device=device, dtype=pdtype) for _ in range(4)]
     params[0] = params[0].reshape(1, C, 1, 1)  # both parameter shapes are accepted
     p = torch.randn(2, device=device, dtype=pdtype)
-    res = layout(torch.randn(shape, device=device).to(dtype), kind) if residual else None
+    res = layout(torch.randn(shape, device=device).to(dtype), res_kind) if residual else None
     return [x, *params, p, res]

@@ -79,7 +79,8 @@ def test_triton_direct_launch_runs_the_kernel_triton_would(kind):
     grad_out = torch.randn(4, 64, 16, 16, device="cuda")
     results = []
     for _ in range(2):  # through Triton (compiles, fills the cache), then direct
-        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        # the inputs themselves, views included (clone() would make a view dense)
+        leaves = [t.detach().requires_grad_() for t in inputs]
         out = spem(*leaves[:6], leaves[6], relu=True, backend="triton")
         results.append([out, *torch.autograd.grad(out, leaves, grad_out)])
     for first, second in zip(*results):
