@@ -110,11 +110,21 @@ class Captured(NamedTuple):
         self.graph.replay()
 
 
+def check_warmup(warmup):
+    """Raise a ValueError unless warmup >= 1: what a graph captures must have run before.
+    Lazy state made inside a capture (an optimizer's momentum buffers, a cuBLAS handle,
+    a compiled kernel) would be made anew, or reset, at every replay, silently."""
+    if not isinstance(warmup, int) or warmup < 1:
+        raise ValueError(f"warm-up must be at least 1 call before a CUDA graph capture "
+                         f"(lazy state must exist before it is recorded), got {warmup!r}")
+
+
 def on_side_stream(fn, times=1):
-    """`fn()` run `times` times on a side stream, ordered after the work queued so far and
-    before the work queued next; returns the last result. Work to be captured must run
-    like this first: lazy initialisation, cuDNN autotuning and Triton compilation must
+    """`fn()` run `times` (>= 1) times on a side stream, ordered after the work queued so
+    far and before the work queued next; returns the last result. Work to be captured must
+    run like this first: lazy initialisation, cuDNN autotuning and Triton compilation must
     happen outside the graph, and not on the default stream."""
+    check_warmup(times)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -124,17 +134,20 @@ def on_side_stream(fn, times=1):
     return result
 
 
-def record(fn):
+def record(fn, pool=None):
     """(graph, outputs): `fn()` recorded in a new CUDA graph, not run (its first replay runs
-    it); outputs are what the recorded call returned, overwritten by every replay."""
+    it); outputs are what the recorded call returned, overwritten by every replay. `pool`
+    (torch.cuda.graph_pool_handle()): the memory pool to record into, shared with earlier
+    graphs of the same pool; None: a new private pool."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         outputs = fn()
     return graph, outputs
 
 
 def capture(fn, warmup=3):
-    """`fn` run `warmup` times on a side stream, then recorded: a Captured."""
+    """`fn` run `warmup` (>= 1) times on a side stream, then recorded: a Captured."""
+    check_warmup(warmup)
     on_side_stream(fn, warmup)
     graph, outputs = record(fn)
     return Captured(graph, fn, outputs)

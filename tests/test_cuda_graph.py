@@ -12,6 +12,7 @@ import torch
 
 from spem_kernels import spem, train
 from spem_kernels.backends import compiled_backends
+from spem_kernels.cuda_graphs import CapturedStep
 from spem_kernels.models import cifar_resnet
 from spem_kernels.timing import capture
 from spem_kernels.training import make_optimizer, make_train_step
@@ -103,6 +104,33 @@ def test_resnet164_training_step_captures_and_matches_uncaptured_steps(backend, 
         graphed_losses.append(captured.outputs.clone())
     torch.testing.assert_close(torch.stack(graphed_losses), torch.stack(eager_losses[3:]),
                                rtol=1e-4, atol=1e-5)
+    for (name, a), b in zip(eager.named_parameters(), graphed.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_captured_step_recaptures_into_one_pool():
+    """The trainer's CapturedStep, captured anew three times (as after each epoch's lr
+    change), trains as uncaptured steps do (momentum made in the warm-up carries on through
+    every graph) and records each graph into the memory of the one it replaces."""
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.manual_seed(0)
+    eager = cifar_resnet(20, 10, "bottleneck", "spem", "auto").cuda()
+    graphed = copy.deepcopy(eager)
+    off = torch.autocast("cuda", enabled=False)
+    eager_step = _trainer_step(eager, eager, off)
+    captured = CapturedStep(_trainer_step(graphed, graphed, off), batch_size=16, warmup=2)
+    batches = [(torch.randn(16, 3, 32, 32, device="cuda"),
+                torch.randint(0, 10, (16,), device="cuda")) for _ in range(4)]
+    reserved = []
+    for _ in range(3):
+        captured.reset()
+        for images, labels in batches:
+            got = captured(images, labels)[0].clone()
+            torch.testing.assert_close(got, eager_step(images, labels)[0], rtol=1e-4, atol=1e-5)
+        torch.cuda.synchronize()
+        reserved.append(torch.cuda.memory_reserved())
+    assert reserved[2] <= reserved[1], reserved
     for (name, a), b in zip(eager.named_parameters(), graphed.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
 
