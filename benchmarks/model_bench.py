@@ -151,8 +151,10 @@ def activation_memory(attention, backend, precision, device, batch, depth):
 _MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
-def run(args, extra_env=None, timeout_s=1800):
-    """This module's command line in a fresh process: its JSON, or {"error": reason}."""
+def run(args, extra_env=None, deadline=None):
+    """This module's command line in a fresh process: its JSON, or {"error": reason}. It is
+    given until `deadline` (a time.perf_counter() value; None: 30 minutes)."""
+    timeout_s = 1800 if deadline is None else max(1.0, deadline - time.perf_counter())
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, **(extra_env or {}), PYTHONPATH=os.pathsep.join(
         p for p in (root, os.environ.get("PYTHONPATH")) if p))
@@ -168,12 +170,13 @@ def run(args, extra_env=None, timeout_s=1800):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measure_time(labels, precision, mode, device, batch, depth, steps, rounds, warmup):
+def measure_time(labels, precision, mode, device, batch, depth, steps, rounds, warmup,
+                 deadline=None):
     """Rows of the VARIANTS named in labels, in one precision and mode, from one `time`
-    process."""
+    process (given until `deadline`, see run)."""
     timed = run(["time", "--device", device, "--batch", batch, "--depth", depth,
                  "--precision", precision, "--mode", mode, "--labels", ",".join(labels),
-                 "--steps", steps, "--rounds", rounds, "--warmup", warmup])
+                 "--steps", steps, "--rounds", rounds, "--warmup", warmup], deadline=deadline)
     rows = []
     for label, attention, backend in VARIANTS:
         if label in labels:
@@ -185,7 +188,7 @@ def measure_time(labels, precision, mode, device, batch, depth, steps, rounds, w
     return rows
 
 
-def measure_memory(keys, device, batch, depth):
+def measure_memory(keys, device, batch, depth, deadline=None):
     """{(label, precision): {"activation_mb", "memory_method"} or {"error"}}, one `memory`
     process per key. Each measures its own process alone, so on a GPU they run at once; on
     CPU one at a time (they compete for the cores, and threads waiting on busy cores are
@@ -199,7 +202,7 @@ def measure_memory(keys, device, batch, depth):
         attention, backend = variants[label]
         return run(["memory", "--device", device, "--batch", batch, "--depth", depth,
                     "--precision", precision, "--attention", attention, "--backend", backend],
-                   env)
+                   env, deadline)
 
     with ThreadPoolExecutor(max_workers=1 if on_cpu else max(1, len(keys))) as pool:
         return dict(zip(keys, pool.map(one, keys)))

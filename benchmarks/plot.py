@@ -110,7 +110,7 @@ def write(result, path):
     stages, directions = _unique(ops, lambda r: r["stage"]), _unique(ops, lambda r: r["direction"])
     impls = _unique(ops, lambda r: r["impl"])
     groups = _unique(ops, lambda r: (r["dtype"], r["layout"]))
-    nrows = len(directions) + (1 if models else 0)
+    nrows = max(1, len(directions) + (1 if models else 0))
     ncols = max(len(stages), 3 if models else 1)
     fig, axes = plt.subplots(nrows, ncols, figsize=(max(6 * ncols, 10), 4.4 * nrows),
                              squeeze=False)
@@ -125,6 +125,10 @@ def write(result, path):
             axes[i][j].axis("off")
     if ops:
         axes[0][0].legend(fontsize=8, loc="upper left", ncol=2)
+    if not ops and not models:  # a run cut short before its first figure
+        axes[0][0].axis("off")
+        axes[0][0].text(0.5, 0.5, f"nothing measured: {meta.get('cut_short') or 'no rows'}",
+                        ha="center", va="center", fontsize=10)
     if models:
         bottom = axes[-1]
         _model_axes(bottom[0], bottom[1], models)

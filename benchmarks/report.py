@@ -3,17 +3,19 @@ by side, in one run.
 
     ./bench.sh [options]            (or: python -m benchmarks.report [options])
 
-Op rows: for each ResNet-164 stage shape, dtype and memory format, forward and
+Model rows first: ResNet-164 training steps, plain / eager SPEM / fused SPEM, in eager mode
+and (GPU) captured in a CUDA graph, in fp32 NCHW and (GPU) bf16 autocast + channels_last, with
+the extra activation memory of each; with --model-compile also torch.compile(model), with its
+compile time. Then op rows: for each ResNet-164 stage shape (or ImageNet ResNet-50 plane:
+--stages imagenet), dtype and memory format, forward and
 forward+backward of relu(g * x + residual) for eager (spem_reference), torch.compile of
 spem_reference and each fused backend, timed two ways: as called from Python (host cost
 included) and, on a GPU, GPU-only (the same call captured in a CUDA graph and replayed);
 each with the bytes that must move, the achieved GB/s and its share of the device's copy
 bandwidth, and speedups over eager and torch.compile (from Python).
-Model rows: ResNet-164 training steps, plain / eager SPEM / fused SPEM, in eager mode and
-(GPU) captured in a CUDA graph, in fp32 NCHW and (GPU) bf16 autocast + channels_last, with
-the extra activation memory of each; with --model-compile also torch.compile(model), with
-its compile time. Writes <out-dir>/<device>.json (after every case, so a run cut short
-keeps what it measured) and .png, prints the table last, and marks the targets PASS/MISS.
+Writes <out-dir>/<device>.json (after every case, so a run cut short keeps what it
+measured) and .png, prints the table last, and marks the targets PASS/MISS. With
+--time-budget it starts nothing it cannot finish in time and ends with what it measured.
 Timers: spem_kernels.timing; cases: spem_kernels.cases.
 """
 import argparse
@@ -33,7 +35,7 @@ import torch
 
 from spem_kernels import spem_reference
 from spem_kernels.backends import NAMES as BACKENDS, compiled_backends, unavailable_reason
-from spem_kernels.cases import (DIRECTIONS, DTYPES, FULL_BATCH, LAYOUTS, STAGES,
+from spem_kernels.cases import (ALL_STAGES, DIRECTIONS, DTYPES, LAYOUTS, SHAPE_SETS, STAGES,
                                 block_tail_call, block_tail_inputs, block_tail_op, stage_shape)
 from spem_kernels.timing import copy_bandwidth, synchronize, time_calls, time_replays
 
@@ -44,7 +46,7 @@ from . import model_bench, plot
 # stage, and speedups from Python over eager and over torch.compile(eager).
 MODEL_MAX_RATIO = {"eager": 1.10, "graph": 1.05}
 MODEL_TARGET_BATCH = {"cuda": 128, "cpu": 16}
-OP_MIN_FRAC_COPY = {"stage1": 0.8, "stage2": 0.8, "stage3": 0.6}
+OP_MIN_FRAC_COPY = {"stage1": 0.8, "stage2": 0.8, "stage3": 0.6}  # ImageNet planes: by size
 OP_MIN_VS_EAGER, OP_MIN_VS_COMPILE = 5.0, 1.5
 ROTATE_BYTES = 256 * 2**20  # input sets per case are rotated until they span this much
 # Model options whose defaults depend on the device (bf16 and graphs are GPU rows).
@@ -54,6 +56,11 @@ DEVICE_DEFAULTS = {"cuda": {"model_batch": 128, "model_precisions": "fp32,bf16",
                            "model_warmup": 2}}
 QUICK = {"batch": 16, "min_time": 0.05, "model_batch": 8, "model_steps": 1, "model_rounds": 2,
          "model_warmup": 1}
+# --model-variants names -> model_bench.VARIANTS labels
+MODEL_VARIANTS = {"plain": "plain", "eager": "eager SPEM", "fused": "fused SPEM"}
+# Seconds a model process needs at least (start, build, warm-up, a few rounds): with
+# --time-budget, one is not started with less left.
+MODEL_PROCESS_MIN_S = 30
 
 
 def _per_device(name):
@@ -65,8 +72,13 @@ def parse_args(argv):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cuda or cpu (default: cuda where there is a GPU)")
-    parser.add_argument("--batch", type=int, default=FULL_BATCH, help="op batch (default 128)")
-    parser.add_argument("--stages", default=",".join(STAGES), help="subset of " + ",".join(STAGES))
+    parser.add_argument("--batch", type=int, default=None,
+                        help="op batch (default: " + ", ".join(
+                            f"{batch} for {name}" for name, (_, batch) in SHAPE_SETS.items()) + ")")
+    parser.add_argument("--stages", default="cifar",
+                        help="shape sets (" + ", ".join(
+                            f"{name}: {','.join(stages)}" for name, (stages, _) in SHAPE_SETS.items())
+                        + ") or stages, comma-separated (default: cifar)")
     parser.add_argument("--dtypes", default=",".join(DTYPES))
     parser.add_argument("--layouts", default=",".join(LAYOUTS))
     parser.add_argument("--directions", default=",".join(DIRECTIONS))
@@ -77,6 +89,9 @@ def parse_args(argv):
     parser.add_argument("--min-time", type=float, default=0.5,
                         help="seconds timed per op figure (each of from-Python and GPU-only)")
     parser.add_argument("--no-model", action="store_true", help="skip the model rows")
+    parser.add_argument("--no-ops", action="store_true", help="skip the op rows")
+    parser.add_argument("--model-variants", default=",".join(MODEL_VARIANTS),
+                        help="subset of " + ",".join(MODEL_VARIANTS))
     parser.add_argument("--model-batch", type=int, help=_per_device("model_batch"))
     parser.add_argument("--model-depth", type=int, default=164, help="ResNet depth, 9n + 2")
     parser.add_argument("--model-precisions",
@@ -95,6 +110,11 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true",
                         help="a short check, results named <device>-quick; its defaults: "
                              + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()))
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds: start no measurement that cannot end in time, then write "
+                             "what was measured (default: no limit)")
+    parser.add_argument("--tag", default=None,
+                        help="added to the output name: <device>[-quick][-TAG].json")
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
     first = parser.parse_known_args(argv)[0]
     parser.set_defaults(**DEVICE_DEFAULTS[torch.device(first.device).type])
@@ -108,13 +128,34 @@ def parse_args(argv):
         if impl not in ("eager", "compile") and impl not in fused:
             parser.error(f"implementation {impl!r} does not run on {a.device} "
                          f"(fused backends here: {fused or 'none'})")
-    for name, known in (("stages", STAGES), ("dtypes", DTYPES), ("layouts", LAYOUTS),
-                        ("directions", DIRECTIONS), ("model_precisions", model_bench.PRECISIONS)):
-        values = getattr(a, name).split(",")
+    a.stages = ",".join(",".join(SHAPE_SETS[s][0]) if s in SHAPE_SETS else s
+                        for s in a.stages.split(","))
+    for name, known in (("stages", ALL_STAGES), ("dtypes", DTYPES), ("layouts", LAYOUTS),
+                        ("directions", DIRECTIONS), ("model_precisions", model_bench.PRECISIONS),
+                        ("model_variants", MODEL_VARIANTS)):
+        values = list(dict.fromkeys(getattr(a, name).split(",")))
         if not set(values) <= set(known):
             parser.error(f"--{name.replace('_', '-')} must be a subset of {','.join(known)}")
         setattr(a, name, values)
+    a.deadline = None if a.time_budget is None else time.perf_counter() + a.time_budget
+    a.cut_short = None  # why measurements were left out, once the budget runs out
     return a
+
+
+def seconds_left(a):
+    """Seconds until --time-budget runs out (None: no budget)."""
+    return None if a.deadline is None else a.deadline - time.perf_counter()
+
+
+def out_of_time(a, need_s=0.0):
+    """Whether the budget cannot cover `need_s` more seconds; the first time, says so."""
+    left = seconds_left(a)
+    if left is None or left > need_s:
+        return False
+    if not a.cut_short:
+        a.cut_short = f"--time-budget {a.time_budget:g} s ran out: later parts were not measured"
+        print(f"  {a.cut_short}", file=sys.stderr, flush=True)
+    return True
 
 
 def device_name(device):
@@ -146,6 +187,7 @@ def environment(a):
         "command": shlex.join(["python", "-m", "benchmarks.report"] + sys.argv[1:]),
         "load_avg_start": os.getloadavg(),
         "batch": a.batch,
+        "stages": a.stages,
         "min_time_s": a.min_time,
         "quick": a.quick,
         # why each kernel backend is or is not in the report (a failed build shows here)
@@ -185,6 +227,9 @@ def measure_ops(a, copy_gbps):
     """Yields the rows of each (stage, dtype, layout, direction) case as it is measured."""
     on_gpu = a.device.type == "cuda"
     for stage, dtype, layout in product(a.stages, a.dtypes, a.layouts):
+        if out_of_time(a):
+            return
+
         def new_set():
             return block_tail_inputs(stage_shape(stage, a.batch), DTYPES[dtype], LAYOUTS[layout],
                                      a.device, requires_grad=True)
@@ -201,6 +246,8 @@ def measure_ops(a, copy_gbps):
                     "bytes": nbytes}
             rows = []
             for impl in a.impls:
+                if out_of_time(a):
+                    break  # the case's rows so far still go out
                 op = op_for_impl(impl)
                 fns = [block_tail_call(op, inp, direction) for inp in inputs]
                 row = dict(case, impl=impl)
@@ -225,7 +272,8 @@ def measure_ops(a, copy_gbps):
                 row["target"] = check_op(row, a.device)
             print(f"  {stage} {dtype} {layout} {direction}: {time.perf_counter() - start:.1f} s",
                   file=sys.stderr, flush=True)
-            yield rows
+            if rows:
+                yield rows
         del inputs, probe  # freed before the next case allocates its own
 
 
@@ -255,7 +303,8 @@ def check_op(row, device):
     if device.type != "cuda" or not fused_fwd_bwd:
         return None
     misses = []
-    need = OP_MIN_FRAC_COPY[row["stage"]]
+    plane = row["shape"][2] * row["shape"][3]
+    need = OP_MIN_FRAC_COPY.get(row["stage"], 0.8 if plane >= 256 else 0.6)
     got = row["graph"].get("frac_copy")
     if got is None or got < need:
         misses.append(f"GPU-only {'n/a' if got is None else f'{got:.0%}'} of copy < {need:.0%}")
@@ -270,19 +319,22 @@ def measure_models(a, save_rows, seconds):
     """The model rows: one timing process per precision and mode, then the memory processes;
     save_rows(rows) after each, seconds[part] = how long it took."""
     fused = compiled_backends(a.device)
+    wanted = [MODEL_VARIANTS[v] for v in a.model_variants]
     labels = [label for label, _, _ in model_bench.VARIANTS
-              if fused or not label.startswith("fused")]
+              if label in wanted and (fused or not label.startswith("fused"))]
     modes = ["eager", "graph"] if a.device.type == "cuda" else ["eager"]  # graphs: CUDA only
     modes += ["compile"] if a.model_compile else []
     rows = []
     for mode, precision in product(modes, a.model_precisions):
+        if out_of_time(a, MODEL_PROCESS_MIN_S):
+            break
         start = time.perf_counter()
         print(f"  model {precision} {mode}: {', '.join(labels)} ...", file=sys.stderr,
               flush=True)
         rows += model_bench.measure_time(labels, precision, mode, str(a.device),
                                          a.model_batch, a.model_depth, a.model_steps,
-                                         a.model_rounds, a.model_warmup)
-        if not fused:
+                                         a.model_rounds, a.model_warmup, deadline=a.deadline)
+        if not fused and "fused SPEM" in wanted:
             label, attention, backend = model_bench.VARIANTS[-1]
             rows.append({"label": label, "attention": attention, "backend": backend,
                          "precision": precision, "mode": mode, "depth": a.model_depth,
@@ -290,11 +342,14 @@ def measure_models(a, save_rows, seconds):
         finish_model_rows(rows, fused, a)
         save_rows(rows)
         seconds[f"model {precision} {mode}"] = time.perf_counter() - start
+    keys = [(r["label"], r["precision"]) for r in rows
+            if r["mode"] == "eager" and r["label"] in labels]
+    if not keys or out_of_time(a, MODEL_PROCESS_MIN_S):
+        return rows
     start = time.perf_counter()
-    keys = [(label, precision) for precision in a.model_precisions for label in labels]
     print(f"  model memory: {len(keys)} processes ...", file=sys.stderr, flush=True)
     for (label, precision), memory in model_bench.measure_memory(
-            keys, str(a.device), a.model_batch, a.model_depth).items():
+            keys, str(a.device), a.model_batch, a.model_depth, deadline=a.deadline).items():
         row = next(r for r in rows if (r["label"], r["precision"], r["mode"]) ==
                    (label, precision, "eager"))
         row["memory"] = memory
@@ -364,6 +419,7 @@ def table(result):
              "medians; from Python: CUDA events around back-to-back calls, host cost included "
              "(CPU: perf_counter); GPU-only: replays of the call captured in a CUDA graph "
              "(do_bench; '-' without a GPU); x eager, x comp: from Python",
+             *([f"CUT SHORT: {meta['cut_short']}"] if meta.get("cut_short") else []),
              ""]
     head = (f"{'stage':7} {'N,C,H,W':14} {'dtype':8} {'layout':13} {'dir':7} {'impl':8} "
             f"{'MB':>7} | {'from Python: ms':>15} {'GB/s':>7} {'%copy':>6} | "
@@ -441,25 +497,27 @@ def main(argv=None):
                         min_time_s=max(a.min_time, 0.1))
     seconds["copy bandwidth"] = time.perf_counter() - start
     os.makedirs(a.out_dir, exist_ok=True)
-    stem = os.path.join(a.out_dir, meta["slug"] + ("-quick" if a.quick else ""))
+    stem = os.path.join(a.out_dir, meta["slug"] + ("-quick" if a.quick else "")
+                        + (f"-{a.tag}" if a.tag else ""))
     result = {"meta": meta, "copy_bandwidth": bw, "ops": [], "model": [], "seconds": seconds,
               "targets": {"model_max_vs_plain": MODEL_MAX_RATIO,
                           "model_target_batch": MODEL_TARGET_BATCH,
                           "op_min_frac_copy_gpu_only": OP_MIN_FRAC_COPY,
                           "op_min_vs_eager": OP_MIN_VS_EAGER,
                           "op_min_vs_compile": OP_MIN_VS_COMPILE}}
-    start = time.perf_counter()
-    for rows in measure_ops(a, bw["gb_per_s"]):
-        result["ops"] += rows
-        seconds["ops"] = time.perf_counter() - start
-        save(result, stem)  # a run cut short (a time limit) still leaves what it measured
-    if not a.no_model:
+    if not a.no_model:  # first: the figures a reader waits for
         def save_rows(rows):
             result["model"] = rows
-            save(result, stem)
+            save(result, stem)  # a run cut short (a time limit) still leaves what it measured
 
         measure_models(a, save_rows, seconds)
+    start = time.perf_counter()
+    for rows in measure_ops(a, bw["gb_per_s"]) if not a.no_ops else ():
+        result["ops"] += rows
+        seconds["ops"] = time.perf_counter() - start
+        save(result, stem)
     meta["load_avg_end"] = os.getloadavg()
+    meta["cut_short"] = a.cut_short
     result["summary"] = summarize(result["ops"], result["model"])
     seconds["total"] = time.perf_counter() - started
     save(result, stem)

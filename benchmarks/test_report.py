@@ -25,7 +25,7 @@ def one_thread():
 
 def test_report_writes_json_png_and_table(tmp_path, monkeypatch, capsys, one_thread):
     monkeypatch.setattr(model_bench, "run",
-                        lambda args, extra_env=None: model_bench.main(list(map(str, args))))
+                        lambda args, *_, **__: model_bench.main(list(map(str, args))))
     impls = ["eager"] + compiled_backends("cpu")
     report.main(["--device", "cpu", "--quick", "--stages", "stage3", "--dtypes", "float32",
                  "--layouts", "nchw", "--impls", ",".join(impls), "--batch", "2",
@@ -45,3 +45,19 @@ def test_report_writes_json_png_and_table(tmp_path, monkeypatch, capsys, one_thr
         assert row["error"] is None and row["ms_per_step"] > 0
         assert row["memory"]["activation_mb"] >= 0
     assert "ResNet-11 training step" in out and "time taken:" in out
+
+
+def test_time_budget_ends_with_what_was_measured(tmp_path, capsys, one_thread):
+    """--time-budget: what cannot be measured in time is left out, and the report still
+    writes its JSON, plot and table, saying it was cut short."""
+    report.main(["--device", "cpu", "--stages", "in7,stage3", "--dtypes", "float32",
+                 "--layouts", "nchw", "--impls", "eager", "--batch", "1", "--min-time", "0.01",
+                 "--model-depth", "11", "--model-batch", "2", "--time-budget", "0",
+                 "--tag", "budget", "--out-dir", str(tmp_path)])
+    (json_path,) = tmp_path.glob("*-budget.json")
+    assert json_path.with_suffix(".png").stat().st_size > 0
+    result = json.loads(json_path.read_text())
+    assert result["ops"] == [] and result["model"] == []
+    assert "--time-budget 0 s ran out" in result["meta"]["cut_short"]
+    assert result["meta"]["stages"] == ["in7", "stage3"]
+    assert "CUT SHORT" in capsys.readouterr().out

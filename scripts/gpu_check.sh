@@ -1,73 +1,126 @@
 #!/usr/bin/env bash
 # The whole GPU check in one command, sized to a GPU lease (15 minutes of device time in all,
-# machine start included, at most 10 minutes a command): it ends within about 8 minutes on
-# an H100.
+# the machine's start included, at most 10 minutes a command): one hard deadline, the most
+# valuable figures first. Every step logs to <out>/<step>.log as it runs, and a step that the
+# deadline cuts short leaves what it measured.
 #
-#   scripts/gpu_check.sh            logs and results to $OUT (the device tool's output folder),
-#                                   else ./gpu_check_logs
+#   scripts/gpu_check.sh [--quick] [--deadline SECONDS]
+#       --deadline   seconds for the whole check (default 540; --quick: 240)
+#       --quick      fewer figures: fp32 model rows only, fewer steps
+#   Logs and results go to $OUT (the device tool's output folder), else ./gpu_check_logs.
+#   Without a GPU it is a dry run on the CPU: the same steps, the CUDA ones empty or skipped.
 #
-# Steps, each under its own time limit and logging to <out>/<step>.log as it runs:
-#   env        device, driver and versions
-#   build      the native CUDA build (in the background, while the Triton tests run)
-#   triton     Triton kernels on CUDA tensors: every op test at full ResNet-164 shapes
-#   native     native kernels on CUDA tensors: the op tests, the library's own checks
-#   graphs     CUDA graphs: the op, a whole ResNet-164 training step, direct Triton launches,
-#              the host-cost tests, torch.compile(mode="reduce-overhead")
-#   report     the performance report: <out>/<gpu>.json and .png (and benchmarks/results/)
-# <out>/summary.txt gets one line per step (exit code, seconds). The exit code is the first
-# failing step's; later steps still run, so one failure does not hide the rest.
+# Steps, in order; each gets what is left of the deadline, up to its own cap:
+#   env        device, driver, versions, commit
+#   build      the native CUDA build, in the background (about 40 s on an H200)
+#   triton     meanwhile, the Triton op tests on CUDA tensors (they need no native build)
+#   report     ResNet-164 training steps (plain and fused SPEM, eager and CUDA-graphed, fp32 and
+#              bf16 + channels_last, with activation memory), then the op rows (eager and
+#              fused, from Python and GPU-only): <out>/<gpu>.json and .png
+#   tests      the CUDA tests: native op tests at full shapes, CUDA graphs (op, ResNet-164
+#              step, trainer, reduce-overhead), host cost and direct launches
+#   compile    if time is left: op rows with torch.compile(spem_reference) (<gpu>-compile.*)
+#   imagenet   if time is left: op rows at ImageNet ResNet-50 planes (<gpu>-imagenet.*)
+# <out>/summary.txt gets one line per step (exit code, seconds; 124: cut by its time limit).
+# The exit code is the first failing step's; later steps still run.
 cd "$(dirname "$0")/.." || exit 1
+DEADLINE=540
+QUICK=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) QUICK=1; DEADLINE=240 ;;
+    --deadline) DEADLINE=$2; shift ;;
+    *) echo "usage: $0 [--quick] [--deadline SECONDS]" >&2; exit 2 ;;
+  esac
+  shift
+done
+START=$SECONDS
 OUT_DIR=$(mkdir -p "${OUT:-gpu_check_logs}" && cd "${OUT:-gpu_check_logs}" && pwd)
 export PYTHONUNBUFFERED=1
 source scripts/env.sh >"$OUT_DIR/env.log" 2>&1 || { cat "$OUT_DIR/env.log"; exit 1; }
 set +e -uo pipefail  # env.sh sets -e: here a failing step must not end the check
 status=0
+: >"$OUT_DIR/summary.txt"
 
-step() {  # step NAME SECONDS COMMAND...: run with a time limit, log, record the outcome
-  local name=$1 limit=$2 start=$SECONDS rc
-  shift 2
-  echo "== $name (limit ${limit}s): $*"
-  timeout --kill-after=15 "$limit" "$@" >"$OUT_DIR/$name.log" 2>&1
-  rc=$?
-  echo "$name: exit $rc after $((SECONDS - start)) s" | tee -a "$OUT_DIR/summary.txt"
-  tail -n 3 "$OUT_DIR/$name.log"
-  [ "$rc" -eq 0 ] || [ "$status" -ne 0 ] || status=$rc
+left() { echo $((DEADLINE - (SECONDS - START))); }
+
+limit_for() {  # limit_for CAP: a step's time limit, min(CAP, what is left - 10 s)
+  local limit=$(( $(left) - 10 ))
+  [ "$limit" -lt "$1" ] || limit=$1
+  echo "$limit"
 }
 
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+record() {  # record NAME RC SECONDS: one summary line; the first failure sets the exit code
+  echo "$1: exit $2 after $3 s" | tee -a "$OUT_DIR/summary.txt"
+  [ "$2" -eq 0 ] || [ "$status" -ne 0 ] || status=$2
+}
+
+step() {  # step NAME CAP COMMAND...: run under limit_for CAP, log, record
+  local name=$1 start=$SECONDS limit rc
+  limit=$(limit_for "$2")
+  shift 2
+  if [ "$limit" -lt 20 ]; then
+    echo "$name: skipped, $(left) s left" | tee -a "$OUT_DIR/summary.txt"
+    return
+  fi
+  echo "== $name (limit ${limit}s, $(left) s left): $*"
+  timeout --kill-after=10 "$limit" "$@" >"$OUT_DIR/$name.log" 2>&1
+  rc=$?
+  record "$name" "$rc" $((SECONDS - start))
+  tail -n 4 "$OUT_DIR/$name.log"
+}
+
+DEVICE=$("$PY" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+{ [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch',
 torch.__version__, '| cuda', torch.version.cuda, '| triton', triton.__version__)"
-  git log -1 --format='commit %h %cd' --date=iso; date -u; } 2>&1 | tee "$OUT_DIR/env.txt"
+  git log -1 --format='commit %h %cd' --date=iso; date -u
+  echo "device ${DEVICE}, deadline ${DEADLINE} s, quick=${QUICK}"; } 2>&1 | tee "$OUT_DIR/env.txt"
 
-# The native build takes about 40 s; the Triton tests do not need it (their collection never
-# asks for the native backend), so both run at once. The native tests wait for it.
 build_start=$SECONDS
-timeout 400 "$PY" -c "
+timeout 300 "$PY" -c "
 import torch
 from spem_kernels.backends import native_backend
-reason = native_backend.is_available(torch.device('cuda'))
-print('native on CUDA:', reason or 'available')
+reason = native_backend.is_available(torch.device('$DEVICE'))
+print('native on $DEVICE:', reason or 'available')
 raise SystemExit(reason is not None)" >"$OUT_DIR/build.log" 2>&1 &
 build_pid=$!
 
-PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider)
-# 8 test processes where pytest-xdist is installed (the GPU image has it): compiles in parallel
+# -v: a line per test as it ends, so a log cut by the deadline still says what passed
+PYTEST=("$PY" -m pytest -v -rs -p no:cacheprovider)
 PARALLEL=()
-"$PY" -c "import xdist" 2>/dev/null && PARALLEL=(-n 8)
-step triton 200 "${PYTEST[@]}" "${PARALLEL[@]}" tests/test_op.py -k "triton and cuda"
+"$PY" -c "import xdist" 2>/dev/null && PARALLEL=(-n 8)  # the GPU image has pytest-xdist
+
+if [ "$DEVICE" = cuda ]; then
+  step triton $((QUICK ? 60 : 120)) "${PYTEST[@]}" "${PARALLEL[@]}" tests/test_op.py -k "triton and cuda"
+else
+  echo "triton: skipped, no GPU (a dry run)" | tee -a "$OUT_DIR/summary.txt"
+fi
 
 wait "$build_pid"
-rc=$?
-echo "build: exit $rc after $((SECONDS - build_start)) s (in the background)" | tee -a "$OUT_DIR/summary.txt"
-tail -n 3 "$OUT_DIR/build.log"
-[ "$rc" -eq 0 ] || [ "$status" -ne 0 ] || status=$rc
+record build $? $((SECONDS - build_start))
+tail -n 2 "$OUT_DIR/build.log"
 
-step native 150 "${PYTEST[@]}" "${PARALLEL[@]}" tests/test_op.py tests/test_native.py tests/test_api.py \
-  -k "native or not cuda"
-step graphs 200 "${PYTEST[@]}" tests/test_cuda_graph.py tests/test_host_cost.py
-step report 240 "$PY" -m benchmarks.report --out-dir "$OUT_DIR" --min-time 0.05 \
-  --model-steps 5 --model-rounds 3 --model-warmup 3
+FUSED=$("$PY" -c "from spem_kernels.backends import compiled_backends as b; print(*b('$DEVICE'), sep=',')")
+# The report's own --time-budget ends it with its plot and table 15 s before its step's limit.
+REPORT=("$PY" -m benchmarks.report --out-dir "$OUT_DIR" --min-time 0.05)
+if [ "$QUICK" -eq 1 ]; then
+  step report 110 "${REPORT[@]}" --impls "eager,$FUSED" --model-variants plain,fused \
+    --model-precisions fp32 --model-steps 3 --model-warmup 2 --model-rounds 2 \
+    --dtypes float32 --time-budget $(( $(limit_for 110) - 15 ))
+else
+  step report 270 "${REPORT[@]}" --impls "eager,$FUSED" --model-variants plain,fused \
+    --model-steps 5 --model-warmup 3 --model-rounds 3 --time-budget $(( $(limit_for 270) - 15 ))
+fi
 
-echo "== summary (exit $status)"
+step tests 240 "${PYTEST[@]}" "${PARALLEL[@]}" tests/test_op.py tests/test_cuda_graph.py \
+  tests/test_host_cost.py -k "(native and cuda) or cuda_graph or host_cost"
+
+step compile 150 "${REPORT[@]}" --no-model --tag compile --impls "compile,$FUSED" \
+  --time-budget $(( $(limit_for 150) - 15 ))
+step imagenet 120 "${REPORT[@]}" --no-model --tag imagenet --stages imagenet \
+  --impls "eager,$FUSED" --time-budget $(( $(limit_for 120) - 15 ))
+
+echo "== summary (exit $status, $((SECONDS - START)) s of ${DEADLINE})"
 cat "$OUT_DIR/summary.txt"
 exit "$status"
