@@ -2,10 +2,10 @@
 
 A step is the trainer's own (spem_kernels.training: forward, cross-entropy + ALPHA *
 spem_penalty(), backward and an SGD step, momentum 0.9, weight decay 1e-4) on synthetic
-data on the device. Variants: the plain
-network, eager SPEM (the reference, op by op) and fused SPEM ("auto": the first compiled
-backend), in each precision: fp32 NCHW, or bf16 autocast with model and input in
-channels_last. Modes: "eager" (steps called from Python), "graph" (CUDA only: the whole
+data on the device. Variants (VARIANTS): the plain network, eager SPEM (the reference, op by
+op), fused SPEM ("auto": the first compiled backend) after each BatchNorm module, and fused
+SPEM+BN (spem_bn: BatchNorm inside the op), in each precision: fp32 NCHW, or bf16 autocast
+with model and input in channels_last. Modes: "eager" (steps called from Python), "graph" (CUDA only: the whole
 step captured once in a CUDA graph and replayed) and "compile" (torch.compile(model);
 its first step, compilation included, is reported as compile_s).
 
@@ -17,7 +17,8 @@ on stdout):
 - `memory`: one variant and precision per process (so that one variant's freed memory
   cannot hide the next one's peak), eager mode. CUDA: peak allocated during a step minus
   allocated before it (after a first step has made the gradients and momentum buffers).
-  CPU: peak RSS growth over the first steps.
+  CPU: peak RSS growth over the first steps. Both: the bytes autograd keeps for the
+  backward (saved_for_backward), which does not depend on the allocator.
 """
 import argparse
 import json
@@ -26,16 +27,29 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from spem_kernels.models import cifar_resnet
 from spem_kernels.timing import capture, synchronize, time_interleaved
 from spem_kernels.training import make_optimizer, make_train_step
 
-# (label, attention, backend) of the rows.
-VARIANTS = (("plain", "none", "auto"), ("eager SPEM", "spem", "eager"),
-            ("fused SPEM", "spem", "auto"))
+class Variant(NamedTuple):
+    """A network of the rows: cifar_resnet's attention, backend and fuse_bn."""
+    attention: str
+    backend: str
+    fuse_bn: bool
+
+
+# The rows, in order: the plain network, the original eager SPEM code (BatchNorm modules,
+# then the reference op by op), fused SPEM after each BatchNorm module, and BatchNorm fused
+# into SPEM (spem_bn; the trainer's default).
+VARIANTS = {"plain": Variant("none", "auto", False),
+            "eager SPEM": Variant("spem", "eager", False),
+            "fused SPEM": Variant("spem", "auto", False),
+            "fused SPEM+BN": Variant("spem", "auto", True)}
 # precision: (autocast dtype or None, memory format of model and input)
 PRECISIONS = {"fp32": (None, torch.contiguous_format),
               "bf16": (torch.bfloat16, torch.channels_last)}
@@ -54,33 +68,58 @@ def _proc_status_bytes(field):
     return int(kib) * 1024
 
 
-def training_step(attention, backend, precision, device, batch, depth, compile=False):
-    """A function that runs one training step (the trainer's own, make_train_step) on fixed
-    synthetic data (the static inputs a captured step needs)."""
+def _model_and_data(variant, precision, device, batch, depth):
+    """(model, images, labels, autocast) of a variant: synthetic data on the device."""
     torch.manual_seed(0)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # what a CIFAR trainer sets; warm-up tunes it
     amp_dtype, memory_format = PRECISIONS[precision]
     model = cifar_resnet(depth=depth, num_classes=10, block_name="bottleneck",
-                         attention=attention, backend=backend)
+                         attention=variant.attention, backend=variant.backend,
+                         fuse_bn=variant.fuse_bn)
     model = model.to(device, memory_format=memory_format)
-    net = torch.compile(model) if compile else model
-    opt = make_optimizer(model, lr=0.1, momentum=0.9, weight_decay=1e-4)
     images = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
     labels = torch.randint(0, 10, (batch,), device=device)
     # cache_enabled=False: autocast's cast cache must not outlive a graph capture
     autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                               enabled=amp_dtype is not None, cache_enabled=False)
+    return model, images, labels, autocast
 
+
+def training_step(variant, precision, device, batch, depth, compile=False):
+    """A function that runs one training step (the trainer's own, make_train_step) on fixed
+    synthetic data (the static inputs a captured step needs)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # what a CIFAR trainer sets; warm-up tunes it
+    model, images, labels, autocast = _model_and_data(variant, precision, device, batch, depth)
+    net = torch.compile(model) if compile else model
+    opt = make_optimizer(model, lr=0.1, momentum=0.9, weight_decay=1e-4)
     no_scaler = torch.amp.GradScaler(device.type, enabled=False)
     step = make_train_step(net, model, opt, no_scaler, autocast, ALPHA)
     return lambda: step(images, labels)
 
 
-def _ready_step(attention, backend, precision, mode, device, batch, depth, warmup):
+def saved_for_backward(variant, precision, device, batch, depth):
+    """Bytes autograd keeps for the backward of one training forward (forward and loss):
+    every tensor saved for the backward, storages counted once (an output the next layer
+    saves too is one storage). Deterministic: what a network keeps, not when it frees it."""
+    model, images, labels, autocast = _model_and_data(variant, precision, device, batch, depth)
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        storages[(storage.device, storage.data_ptr())] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with autocast:
+            logits = model(images)
+        loss = F.cross_entropy(logits.float(), labels) + ALPHA * model.spem_penalty()
+    del loss
+    return sum(storages.values())
+
+
+def _ready_step(variant, precision, mode, device, batch, depth, warmup):
     """(the call to time, extra figures) of one variant in `mode`, warmed up."""
-    step = training_step(attention, backend, precision, device, batch, depth,
-                         compile=mode == "compile")
+    step = training_step(variant, precision, device, batch, depth, compile=mode == "compile")
     extra = {}
     if mode == "compile":
         start = time.perf_counter()
@@ -107,11 +146,11 @@ def time_steps(labels, precision, mode, device, batch, depth, steps, rounds, war
     (a round's figure: its median step; the variant's: its median round)."""
     device = torch.device(device)
     results, workloads = {}, {}
-    for label, attention, backend in VARIANTS:
+    for label, variant in VARIANTS.items():
         if label in labels:
             try:
-                call, results[label] = _ready_step(attention, backend, precision, mode, device,
-                                                   batch, depth, warmup)
+                call, results[label] = _ready_step(variant, precision, mode, device, batch, depth,
+                                                   warmup)
                 workloads[label] = [call]
             except Exception as e:  # a variant that fails (a capture, a compile) is a row's n/a
                 results[label] = {"error": failure_reason(e)}
@@ -124,10 +163,12 @@ def time_steps(labels, precision, mode, device, batch, depth, steps, rounds, war
     return results
 
 
-def activation_memory(attention, backend, precision, device, batch, depth):
-    """{"activation_mb", "memory_method"} of a training step in eager mode."""
+def activation_memory(variant, precision, device, batch, depth):
+    """{"activation_mb", "memory_method", "saved_mb"} of a training step in eager mode: the
+    peak (measured, see memory_method) and what autograd keeps (saved_for_backward)."""
     device = torch.device(device)
-    step = training_step(attention, backend, precision, device, batch, depth)
+    saved = {"saved_mb": saved_for_backward(variant, precision, device, batch, depth) / 2**20}
+    step = training_step(variant, precision, device, batch, depth)
     if device.type == "cuda":
         step()  # gradients and momentum buffers exist from here on: they are not activations
         torch.cuda.synchronize(device)
@@ -137,13 +178,14 @@ def activation_memory(attention, backend, precision, device, batch, depth):
         torch.cuda.synchronize(device)
         return {"activation_mb": (torch.cuda.max_memory_allocated(device) - before) / 2**20,
                 "memory_method": "peak allocated during a step minus allocated before it "
-                                 "(torch.cuda.max_memory_allocated), after one step"}
+                                 "(torch.cuda.max_memory_allocated), after one step", **saved}
     rss_before = _proc_status_bytes("VmRSS")
     for _ in range(MEMORY_STEPS):
         step()
     return {"activation_mb": (_proc_status_bytes("VmHWM") - rss_before) / 2**20,
             "memory_method": f"peak RSS growth over the first {MEMORY_STEPS} steps (VmHWM - "
-                             "VmRSS before them), fresh process, MALLOC_MMAP_THRESHOLD_=65536"}
+                             "VmRSS before them), fresh process, MALLOC_MMAP_THRESHOLD_=65536",
+            **saved}
 
 
 # glibc keeps freed blocks resident at random (repeated runs differ by 20%); returning every
@@ -178,11 +220,11 @@ def measure_time(labels, precision, mode, device, batch, depth, steps, rounds, w
                  "--precision", precision, "--mode", mode, "--labels", ",".join(labels),
                  "--steps", steps, "--rounds", rounds, "--warmup", warmup], deadline=deadline)
     rows = []
-    for label, attention, backend in VARIANTS:
+    for label, variant in VARIANTS.items():
         if label in labels:
-            row = {"label": label, "attention": attention, "backend": backend,
-                   "precision": precision, "mode": mode, "depth": depth, "batch": batch,
-                   "steps": steps, "rounds": rounds, "error": timed.get("error")}
+            row = {"label": label, **variant._asdict(), "precision": precision, "mode": mode,
+                   "depth": depth, "batch": batch, "steps": steps, "rounds": rounds,
+                   "error": timed.get("error")}
             row.update(timed.get(label, {}))
             rows.append(row)
     return rows
@@ -193,16 +235,13 @@ def measure_memory(keys, device, batch, depth, deadline=None):
     process per key. Each measures its own process alone, so on a GPU they run at once; on
     CPU one at a time (they compete for the cores, and threads waiting on busy cores are
     slow to finish)."""
-    variants = {label: (attention, backend) for label, attention, backend in VARIANTS}
     on_cpu = torch.device(device).type == "cpu"
     env = _MEMORY_ENV if on_cpu else None
 
     def one(key):
         label, precision = key
-        attention, backend = variants[label]
         return run(["memory", "--device", device, "--batch", batch, "--depth", depth,
-                    "--precision", precision, "--attention", attention, "--backend", backend],
-                   env, deadline)
+                    "--precision", precision, "--labels", label], env, deadline)
 
     with ThreadPoolExecutor(max_workers=1 if on_cpu else max(1, len(keys))) as pool:
         return dict(zip(keys, pool.map(one, keys)))
@@ -217,20 +256,18 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--depth", type=int, default=164, help="ResNet depth, 9n + 2")
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32")
-    parser.add_argument("--labels", default=",".join(v[0] for v in VARIANTS), help="time: which")
+    parser.add_argument("--labels", default=",".join(VARIANTS),
+                        help="the variants (time: which; memory: the one)")
     parser.add_argument("--mode", choices=MODES, default="eager", help="time: how steps run")
     parser.add_argument("--steps", type=int, default=20, help="time: steps per round")
     parser.add_argument("--rounds", type=int, default=3, help="time: interleaved rounds")
     parser.add_argument("--warmup", type=int, default=3, help="time: untimed steps per variant")
-    parser.add_argument("--attention", choices=("none", "spem"), help="memory: the variant")
-    parser.add_argument("--backend", default="auto", help="memory: the variant")
     a = parser.parse_args(argv)
     if a.task == "time":
         result = time_steps(a.labels.split(","), a.precision, a.mode, a.device, a.batch,
                             a.depth, a.steps, a.rounds, a.warmup)
     else:
-        result = activation_memory(a.attention, a.backend, a.precision, a.device, a.batch,
-                                   a.depth)
+        result = activation_memory(VARIANTS[a.labels], a.precision, a.device, a.batch, a.depth)
     print(json.dumps(result))
     return result
 

@@ -9,7 +9,8 @@ matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 
 COLORS = {"eager": "#9e9e9e", "compile": "#5c8fd6", "triton": "#e07b39", "native": "#3fa34d"}
-VARIANT_COLORS = {"plain": "#9e9e9e", "eager SPEM": "#c77dba", "fused SPEM": "#3fa34d"}
+VARIANT_COLORS = {"plain": "#9e9e9e", "eager SPEM": "#c77dba", "fused SPEM": "#3fa34d",
+                  "fused SPEM+BN": "#1f6f33"}
 
 
 def _unique(rows, key):

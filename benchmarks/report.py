@@ -44,7 +44,10 @@ from . import model_bench, plot
 # Targets. Model: fused / plain step time at the batch below, per mode (GPU: fp32 and bf16;
 # CPU: eager mode, fp32). Op (GPU, fused fwd+bwd): GPU-only share of the copy bandwidth per
 # stage, and speedups from Python over eager and over torch.compile(eager).
-MODEL_MAX_RATIO = {"eager": 1.10, "graph": 1.05}
+MODEL_MAX_RATIO = {"fused SPEM": {"eager": 1.10, "graph": 1.05},
+                   "fused SPEM+BN": {"eager": 1.00, "graph": 1.00}}
+# Memory (BatchNorm fused): bytes kept for the backward at most this much over plain's.
+MODEL_MAX_SAVED_VS_PLAIN = {"fused SPEM+BN": 1.05}
 MODEL_TARGET_BATCH = {"cuda": 128, "cpu": 16}
 OP_MIN_FRAC_COPY = {"stage1": 0.8, "stage2": 0.8, "stage3": 0.6}  # ImageNet planes: by size
 OP_MIN_VS_EAGER, OP_MIN_VS_COMPILE = 5.0, 1.5
@@ -57,7 +60,8 @@ DEVICE_DEFAULTS = {"cuda": {"model_batch": 128, "model_precisions": "fp32,bf16",
 QUICK = {"batch": 16, "min_time": 0.05, "model_batch": 8, "model_steps": 1, "model_rounds": 2,
          "model_warmup": 1}
 # --model-variants names -> model_bench.VARIANTS labels
-MODEL_VARIANTS = {"plain": "plain", "eager": "eager SPEM", "fused": "fused SPEM"}
+MODEL_VARIANTS = {"plain": "plain", "eager": "eager SPEM", "fused": "fused SPEM",
+                  "fused-bn": "fused SPEM+BN"}
 # Seconds a model process needs at least (start, build, warm-up, a few rounds): with
 # --time-budget, one is not started with less left.
 MODEL_PROCESS_MIN_S = 30
@@ -320,7 +324,7 @@ def measure_models(a, save_rows, seconds):
     save_rows(rows) after each, seconds[part] = how long it took."""
     fused = compiled_backends(a.device)
     wanted = [MODEL_VARIANTS[v] for v in a.model_variants]
-    labels = [label for label, _, _ in model_bench.VARIANTS
+    labels = [label for label in model_bench.VARIANTS
               if label in wanted and (fused or not label.startswith("fused"))]
     modes = ["eager", "graph"] if a.device.type == "cuda" else ["eager"]  # graphs: CUDA only
     modes += ["compile"] if a.model_compile else []
@@ -334,11 +338,12 @@ def measure_models(a, save_rows, seconds):
         rows += model_bench.measure_time(labels, precision, mode, str(a.device),
                                          a.model_batch, a.model_depth, a.model_steps,
                                          a.model_rounds, a.model_warmup, deadline=a.deadline)
-        if not fused and "fused SPEM" in wanted:
-            label, attention, backend = model_bench.VARIANTS[-1]
-            rows.append({"label": label, "attention": attention, "backend": backend,
-                         "precision": precision, "mode": mode, "depth": a.model_depth,
-                         "batch": a.model_batch, "error": f"no fused backend on {a.device.type}"})
+        for label in wanted if not fused else ():
+            if label.startswith("fused"):
+                rows.append({"label": label, **model_bench.VARIANTS[label]._asdict(),
+                             "precision": precision, "mode": mode, "depth": a.model_depth,
+                             "batch": a.model_batch,
+                             "error": f"no fused backend on {a.device.type}"})
         finish_model_rows(rows, fused, a)
         save_rows(rows)
         seconds[f"model {precision} {mode}"] = time.perf_counter() - start
@@ -353,6 +358,7 @@ def measure_models(a, save_rows, seconds):
         row = next(r for r in rows if (r["label"], r["precision"], r["mode"]) ==
                    (label, precision, "eager"))
         row["memory"] = memory
+    check_memory(rows)
     save_rows(rows)
     seconds["model memory"] = time.perf_counter() - start
     return rows
@@ -361,7 +367,7 @@ def measure_models(a, save_rows, seconds):
 def finish_model_rows(rows, fused, a):
     """x plain (step time over plain's, same precision and mode) and the model targets."""
     for r in rows:
-        if r["label"] == "fused SPEM" and fused:
+        if r["label"].startswith("fused") and fused:
             r["resolved_backend"] = fused[0]  # "auto" tries the fused backends in this order
         plain = next((p.get("ms_per_step") for p in rows if p["label"] == "plain"
                       and (p["precision"], p["mode"]) == (r["precision"], r["mode"])), None)
@@ -372,8 +378,8 @@ def finish_model_rows(rows, fused, a):
 def check_model(row, a):
     """PASS/MISS of a fused row against the model targets (eager mode and graphs, ResNet-164
     at the target batch); None where none apply."""
-    limit = MODEL_MAX_RATIO.get(row["mode"])
-    if (row["label"] != "fused SPEM" or limit is None or row["depth"] != 164
+    limit = MODEL_MAX_RATIO.get(row["label"], {}).get(row["mode"])
+    if (limit is None or row["depth"] != 164
             or row["batch"] != MODEL_TARGET_BATCH[a.device.type]):
         return None
     if row["x_plain"] is None:
@@ -383,10 +389,31 @@ def check_model(row, a):
     return f"MISS ({row['x_plain']:.2f}x plain > {limit}x)"
 
 
+def check_memory(rows):
+    """The memory targets (bytes kept for the backward vs the plain network's, same
+    precision): row["memory_target"] PASS/MISS where one applies."""
+    for r in rows:
+        limit = MODEL_MAX_SAVED_VS_PLAIN.get(r["label"])
+        saved = r.get("memory", {}).get("saved_mb")
+        plain = next((p.get("memory", {}).get("saved_mb") for p in rows
+                      if p["label"] == "plain" and p["precision"] == r["precision"]
+                      and p["mode"] == r["mode"]), None)
+        if limit is None or r["mode"] != "eager":
+            continue
+        if saved is None or not plain:
+            r["memory_target"] = "MISS (no saved-bytes figure)"
+            continue
+        r["saved_vs_plain"] = saved / plain
+        r["memory_target"] = ("PASS" if saved / plain <= limit else
+                              f"MISS ({saved / plain:.3f}x plain's kept for backward > {limit}x)")
+
+
 def summarize(op_rows, model_rows):
     checked = [(describe(r), r["target"]) for r in op_rows if r.get("target")]
     checked += [(f"model {r['precision']} {r['mode']} {r['label']}", r["target"])
                 for r in model_rows if r.get("target")]
+    checked += [(f"model {r['precision']} {r['label']} memory", r["memory_target"])
+                for r in model_rows if r.get("memory_target")]
     misses = [f"{what}: {verdict}" for what, verdict in checked if verdict != "PASS"]
     return {"checked": len(checked), "passed": len(checked) - len(misses), "misses": misses}
 
@@ -447,19 +474,21 @@ def table(result):
                      f"over {len(compile_s)} cases (at most {max(compile_s):.1f} s)")
     if result["model"]:
         lines += ["", model_heading(result["model"]),
-                  f"{'precision':30} {'mode':7} {'variant':20} {'ms/step':>8} {'steps/s':>8} "
-                  f"{'x plain':>7} {'act MiB':>8} {'compile s':>9}  target"]
+                  f"{'precision':30} {'mode':7} {'variant':22} {'ms/step':>8} {'steps/s':>8} "
+                  f"{'x plain':>7} {'act MiB':>8} {'kept MiB':>8} {'compile s':>9}  target"]
         for r in result["model"]:
             label = r["label"] + (f" ({r['resolved_backend']})" if r.get("resolved_backend")
                                   else "")
-            left = f"{PRECISION_NAMES[r['precision']]:30} {r['mode']:7} {label:20} "
+            left = f"{PRECISION_NAMES[r['precision']]:30} {r['mode']:7} {label:22} "
             if r.get("error"):
                 lines.append(left + f"n/a: {r['error']}")
                 continue
             memory = r.get("memory", {})
             lines.append(left + f"{r['ms_per_step']:8.1f} {1e3 / r['ms_per_step']:8.2f} "
                          f"{fmt(r['x_plain'], '7.2f')} {fmt(memory.get('activation_mb'), '8.0f')} "
-                         f"{fmt(r.get('compile_s'), '9.1f')}  {r.get('target') or ''}")
+                         f"{fmt(memory.get('saved_mb'), '8.1f')} "
+                         f"{fmt(r.get('compile_s'), '9.1f')}  {r.get('target') or ''}"
+                         + (f"; memory {r['memory_target']}" if r.get("memory_target") else ""))
             if "error" in memory:
                 lines.append(f"{'':60}memory n/a: {memory['error']}")
     s = result["summary"]
@@ -478,7 +507,8 @@ def model_heading(model_rows):
     return (f"ResNet-{r['depth']} training step (forward, loss, backward, SGD), batch "
             f"{r['batch']}, synthetic data; ms/step: median of {r.get('rounds')} interleaved "
             f"rounds, each the median of {r.get('steps')} steps; graph: the whole step captured "
-            f"in a CUDA graph; act MiB (eager mode): {memory}")
+            f"in a CUDA graph; act MiB (eager mode): {memory}; kept MiB: bytes autograd keeps "
+            f"for the backward of one forward (storages counted once)")
 
 
 def save(result, stem):

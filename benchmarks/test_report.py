@@ -40,10 +40,16 @@ def test_report_writes_json_png_and_table(tmp_path, monkeypatch, capsys, one_thr
     for row in result["ops"]:
         assert row["python"]["median_ms"] > 0 and row["graph"] is None  # graphs: GPU only
     assert [(r["label"], r["mode"]) for r in result["model"]] == [
-        ("plain", "eager"), ("eager SPEM", "eager"), ("fused SPEM", "eager")]
-    for row in result["model"][:len(impls) + 1]:  # fused SPEM is n/a without a fused backend
+        ("plain", "eager"), ("eager SPEM", "eager"), ("fused SPEM", "eager"),
+        ("fused SPEM+BN", "eager")]
+    for row in result["model"]:
+        if row["label"].startswith("fused") and len(impls) == 1:
+            continue  # n/a without a fused backend
         assert row["error"] is None and row["ms_per_step"] > 0
-        assert row["memory"]["activation_mb"] >= 0
+        assert row["memory"]["activation_mb"] >= 0 and row["memory"]["saved_mb"] > 0
+    plain, *spem_rows = (r["memory"]["saved_mb"] for r in result["model"])
+    if len(impls) > 1:  # BatchNorm fused keeps less for the backward than BatchNorm apart
+        assert spem_rows[2] < spem_rows[1] and result["model"][3]["saved_vs_plain"] > 0
     assert "ResNet-11 training step" in out and "time taken:" in out
 
 

@@ -1,8 +1,9 @@
-// spem_native::spem, the differentiable op: the forward kernel, and the backward kernel as its
-// gradient, wired in C++. A Python autograd.Function costs tens of microseconds of host time
+// spem_native::spem and spem_native::spem_bn, the differentiable ops: their forward kernels,
+// and their backward kernels as the gradient, wired in C++. A Python autograd.Function costs tens of microseconds of host time
 // per call (the Python forward and backward, unpacking the saved tensors); here a call is one
 // dispatch and the backward runs no Python at all. The formula is ops.py's `_gradients`: the
-// backward kernel gives every gradient in its final form, only the residual's is chosen here.
+// backward kernel gives every gradient in its final form, only the residual's is chosen here
+// (spem_bn's: ops.py's `_bn_gradients`).
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -72,6 +73,119 @@ class SpemFunction : public torch::autograd::Function<SpemFunction> {
   }
 };
 
+BnForwardResult call_bn_forward(const at::Tensor& y, const std::optional<at::Tensor>& running_mean,
+                                const std::optional<at::Tensor>& running_var,
+                                const std::optional<at::Tensor>& weight,
+                                const std::optional<at::Tensor>& bias, const at::Tensor& w1,
+                                const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+                                const at::Tensor& p, const std::optional<at::Tensor>& residual,
+                                bool training, double momentum, double eps, bool relu) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("spem_native::spem_bn_forward", "")
+          .typed<BnForwardResult(
+              const at::Tensor&, const std::optional<at::Tensor>&,
+              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+              const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+              const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const std::optional<at::Tensor>&, bool, double, double, bool)>();
+  return op.call(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p, residual,
+                 training, momentum, eps, relu);
+}
+
+BnBackwardResult call_bn_backward(const at::Tensor& grad, const at::Tensor& y,
+                                  const at::Tensor& out, const at::Tensor& stats,
+                                  const at::Tensor& idx, const at::Tensor& mean,
+                                  const at::Tensor& invstd,
+                                  const std::optional<at::Tensor>& weight,
+                                  const std::optional<at::Tensor>& bias, const at::Tensor& w1,
+                                  const at::Tensor& b1, const at::Tensor& w2,
+                                  const at::Tensor& b2, const at::Tensor& p, bool training,
+                                  bool relu, bool write_dres) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("spem_native::spem_bn_backward", "")
+          .typed<BnBackwardResult(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const at::Tensor&, bool, bool, bool)>();
+  return op.call(grad, y, out, stats, idx, mean, invstd, weight, bias, w1, b1, w2, b2, p,
+                 training, relu, write_dres);
+}
+
+std::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+class SpemBnFunction : public torch::autograd::Function<SpemBnFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& y,
+                            const std::optional<at::Tensor>& running_mean,
+                            const std::optional<at::Tensor>& running_var,
+                            const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& w1,
+                            const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+                            const at::Tensor& p, const std::optional<at::Tensor>& residual,
+                            bool training, double momentum, double eps, bool relu) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [out, stats, idx, mean, invstd] =
+        call_bn_forward(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p,
+                        residual, training, momentum, eps, relu);
+    if (training && running_mean.has_value() && running_mean->defined()) {
+      torch::autograd::impl::bump_version(*running_mean);  // written in place by a kernel
+      torch::autograd::impl::bump_version(*running_var);
+    }
+    // y, not the normalised tensor: the backward normalises again from mean and invstd.
+    ctx->save_for_backward({y, relu ? out : at::Tensor(), stats, idx, mean, invstd,
+                            weight.value_or(at::Tensor()), bias.value_or(at::Tensor()), w1, b1,
+                            w2, b2, p});
+    ctx->saved_data["relu"] = relu;
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["has_residual"] = residual.has_value();
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const variable_list s = ctx->get_saved_variables();
+    const bool relu = ctx->saved_data["relu"].toBool();
+    const bool has_residual = ctx->saved_data["has_residual"].toBool();
+    const at::Tensor& grad = grads[0];
+    auto [dy, dres, dweight, dbias, dw1, db1, dw2, db2, dp] = call_bn_backward(
+        grad, s[0], relu ? s[1] : s[0], s[2], s[3], s[4], s[5], defined_or_none(s[6]),
+        defined_or_none(s[7]), s[8], s[9], s[10], s[11], s[12],
+        ctx->saved_data["training"].toBool(), relu, has_residual && relu);
+    const at::Tensor dresidual = !has_residual ? at::Tensor() : relu ? dres : grad;
+    return {dy, at::Tensor(), at::Tensor(), s[6].defined() ? dweight : at::Tensor(),
+            s[7].defined() ? dbias : at::Tensor(), dw1, db1, dw2, db2, dp, dresidual,
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor spem_bn_autograd(const at::Tensor& y, const std::optional<at::Tensor>& running_mean,
+                            const std::optional<at::Tensor>& running_var,
+                            const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& w1,
+                            const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+                            const at::Tensor& p, const std::optional<at::Tensor>& residual,
+                            bool training, double momentum, double eps, bool relu) {
+  return SpemBnFunction::apply(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p,
+                               residual, training, momentum, eps, relu);
+}
+
+at::Tensor spem_bn_inference(const at::Tensor& y, const std::optional<at::Tensor>& running_mean,
+                             const std::optional<at::Tensor>& running_var,
+                             const std::optional<at::Tensor>& weight,
+                             const std::optional<at::Tensor>& bias, const at::Tensor& w1,
+                             const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+                             const at::Tensor& p, const std::optional<at::Tensor>& residual,
+                             bool training, double momentum, double eps, bool relu) {
+  return std::get<0>(call_bn_forward(y, running_mean, running_var, weight, bias, w1, b1, w2, b2,
+                                     p, residual, training, momentum, eps, relu));
+}
+
 at::Tensor spem_autograd(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
                          const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& p,
                          const std::optional<at::Tensor>& residual, bool relu) {
@@ -90,8 +204,10 @@ at::Tensor spem_inference(const at::Tensor& x, const at::Tensor& w1, const at::T
 
 TORCH_LIBRARY_IMPL(spem_native, Autograd, m) {
   m.impl("spem", &spem_native::spem_autograd);
+  m.impl("spem_bn", &spem_native::spem_bn_autograd);
 }
 
 TORCH_LIBRARY_IMPL(spem_native, CompositeExplicitAutograd, m) {
   m.impl("spem", &spem_native::spem_inference);
+  m.impl("spem_bn", &spem_native::spem_bn_inference);
 }

@@ -1,4 +1,5 @@
-// CUDA kernels of the SPEM op (math: spem_math.h and SPEM.md). Includes no torch headers.
+// CUDA kernels of the SPEM ops (math: spem_math.h, spem_bn_math.h and SPEM.md). Includes no
+// torch headers.
 //
 // One launch per direction, one of two kernels picked by x's layout; every tensor is
 // addressed through its own strides, so no input is copied:
@@ -11,11 +12,15 @@
 // order-free); sums reduce in a fixed order. The backward writes per-(n, c) partials, which a
 // second, small kernel (param_grads) sums over n into the parameter gradients and over n and
 // c into p's, each in a fixed order across many blocks: deterministic, no float atomics.
+// spem_bn (BatchNorm first) adds, in the same two layouts: a statistics pass (training) and a
+// per-channel finalisation before the forward (which normalises as it loads), and splits the
+// backward into a reduction pass and a writing pass around the parameter gradients.
 #include "spem_cuda.h"
 
 #include <initializer_list>
 #include <utility>
 
+#include "spem_bn_math.h"
 #include "spem_math.h"
 
 namespace spem_native {
@@ -91,10 +96,26 @@ __device__ __forceinline__ Extremes<Acc> shfl_xor(const Extremes<Acc>& e, int la
 __device__ __forceinline__ float shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
 __device__ __forceinline__ double shfl_xor(double v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
 
+// Two sums reduced together (spem_bn's backward: sum G and sum G (y - mean)).
+template <typename Acc>
+struct Pair {
+  Acc a, b;
+};
+
+template <typename Acc>
+__device__ __forceinline__ Pair<Acc> shfl_xor(const Pair<Acc>& v, int m) {
+  return {shfl_xor(v.a, m), shfl_xor(v.b, m)};
+}
+
 __device__ __forceinline__ void combine(float& a, float b) { a += b; }
 __device__ __forceinline__ void combine(double& a, double b) { a += b; }
 template <typename Acc>
 __device__ __forceinline__ void combine(Extremes<Acc>& a, const Extremes<Acc>& b) { a.merge(b); }
+template <typename Acc>
+__device__ __forceinline__ void combine(Pair<Acc>& a, const Pair<Acc>& b) {
+  a.a += b.a;
+  a.b += b.b;
+}
 
 // Reduces v over the group of `group` threads (a multiple of 32) that owns a plane; every
 // thread of the group gets the result. Fixed order: warp butterfly, then warps in order.
@@ -131,6 +152,40 @@ __device__ V tile_reduce(V (&v)[VEC], V* shared /* [kWarps][LC * VEC] */) {
   return r;
 }
 
+// What a thread of a planes kernel works on: a group of `group` threads per plane (n, c);
+// `lane` is its place in the group. Past the last plane it is not `active` (but still joins
+// the block's barriers).
+struct PlaneTask {
+  int lane;
+  int64_t plane, n, c;
+  bool active;
+};
+
+__device__ __forceinline__ PlaneTask plane_task(int64_t N, int64_t C, int group) {
+  const int64_t plane = int64_t(blockIdx.x) * (kThreads / group) + threadIdx.x / group;
+  const bool active = plane < N * C;
+  return {int(threadIdx.x % group), plane, active ? plane / C : 0, active ? plane % C : 0,
+          active};
+}
+
+// What a thread of a channels kernel works on: a block per tile of LC * VEC channels from c0
+// of sample n; the thread's lane lc holds the VEC channels from c, on its row of positions.
+// (VEC > 1 needs C % VEC == 0: all of a lane's channels are in range or none.)
+struct TileTask {
+  int64_t n, c0;
+  int lc, row;
+  int64_t c;
+};
+
+template <int LC, int VEC>
+__device__ __forceinline__ TileTask tile_task(int64_t C) {
+  constexpr int kTile = LC * VEC;
+  const int64_t tiles = (C + kTile - 1) / kTile;
+  const int64_t n = blockIdx.x / tiles, c0 = blockIdx.x % tiles * kTile;
+  const int lc = threadIdx.x % LC;
+  return {n, c0, lc, int(threadIdx.x / LC), c0 + lc * VEC};
+}
+
 template <typename Acc>
 __device__ Acc finish_plane(const Extremes<Acc>& e, const Acc* const prm[5], int64_t n,
                             int64_t c, int64_t C, Acc* stats, int32_t* idx, bool write) {
@@ -142,6 +197,15 @@ __device__ Acc finish_plane(const Extremes<Acc>& e, const Acc* const prm[5], int
   }
   const Gate<Acc> t = plane_gate(M, m, load_params(prm[0], prm[1], prm[2], prm[3], prm[4], c));
   return t.s1 * t.s2;
+}
+
+// spem_bn: y = y alpha + beta, with the channel of element j in alpha[j], beta[j] (spem: as is).
+template <int VEC, typename T, typename Acc>
+__device__ __forceinline__ void normalise(const ForwardArgs<T, Acc>& a, const Acc (&alpha)[VEC],
+                                          const Acc (&beta)[VEC], Acc (&y)[VEC]) {
+  if (a.affine != nullptr)
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) y[j] = y[j] * alpha[j] + beta[j];
 }
 
 // out = relu?(g y + residual) for VEC elements.
@@ -166,18 +230,21 @@ __device__ __forceinline__ void write_out(const ForwardArgs<T, Acc>& a, const Ac
 template <typename T, typename Acc, int VEC>
 __global__ void __launch_bounds__(kThreads)
     forward_planes(const ForwardArgs<T, Acc> a, int group, bool flat) {
-  const int lane = threadIdx.x % group;
-  const int64_t plane = int64_t(blockIdx.x) * (kThreads / group) + threadIdx.x / group;
-  const bool active = plane < a.N * a.C;
-  const int64_t n = active ? plane / a.C : 0, c = active ? plane % a.C : 0;
+  const auto [lane, plane, n, c, active] = plane_task(a.N, a.C, group);
   const int32_t W = a.W;
   const int64_t HW = a.H * a.W, step = group * VEC;
+  Acc alpha[VEC], beta[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j)
+    alpha[j] = a.affine != nullptr ? a.affine[c] : Acc(1),
+    beta[j] = a.affine != nullptr ? a.affine[a.C + c] : Acc(0);
   Extremes<Acc> e = Extremes<Acc>::empty();
   if (active)
     for (int64_t q = lane * VEC; q < HW; q += step) {
       const int32_t p = int32_t(q);
       Acc y[VEC];
       load<VEC>(a.x + offset(a.sx, n, c, p, W, flat), y);
+      normalise<VEC>(a, alpha, beta, y);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) e.add(y[j], p + j);
     }
@@ -192,6 +259,7 @@ __global__ void __launch_bounds__(kThreads)
     const int32_t p = int32_t(q);
     Acc y[VEC];
     load<VEC>(a.x + offset(a.sx, n, c, p, W, flat), y);
+    normalise<VEC>(a, alpha, beta, y);
     write_out<VEC>(a, y, g, offset(a.sr, n, c, p, W, flat), offset(a.so, n, c, p, W, flat));
   }
 }
@@ -202,12 +270,15 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int kTile = LC * VEC, kRows = kThreads / LC;
   __shared__ Extremes<Acc> partial[kWarps * kTile];
   __shared__ Acc gate[kTile];
-  const int64_t tiles = (a.C + kTile - 1) / kTile;
-  const int64_t n = blockIdx.x / tiles, c0 = blockIdx.x % tiles * kTile;
-  const int lc = threadIdx.x % LC, row = threadIdx.x / LC;
-  const int64_t c = c0 + lc * VEC;  // VEC > 1 needs C % VEC == 0: all or none are in range
+  const auto [n, c0, lc, row, c] = tile_task<LC, VEC>(a.C);
   const int32_t W = a.W;
   const int64_t HW = a.H * a.W;
+  Acc alpha[VEC], beta[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    const bool norm = a.affine != nullptr && c < a.C;
+    alpha[j] = norm ? a.affine[c + j] : Acc(1), beta[j] = norm ? a.affine[a.C + c + j] : Acc(0);
+  }
   Extremes<Acc> e[VEC];
 #pragma unroll
   for (int j = 0; j < VEC; ++j) e[j] = Extremes<Acc>::empty();
@@ -216,6 +287,7 @@ __global__ void __launch_bounds__(kThreads)
       const int32_t p = int32_t(q);
       Acc y[VEC];
       load<VEC>(a.x + offset(a.sx, n, c, p, W, flat), y);
+      normalise<VEC>(a, alpha, beta, y);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) e[j].add(y[j], p);
     }
@@ -233,6 +305,7 @@ __global__ void __launch_bounds__(kThreads)
     const int32_t p = int32_t(q);
     Acc y[VEC];
     load<VEC>(a.x + offset(a.sx, n, c, p, W, flat), y);
+    normalise<VEC>(a, alpha, beta, y);
     write_out<VEC>(a, y, g, offset(a.sr, n, c, p, W, flat), offset(a.so, n, c, p, W, flat));
   }
 }
@@ -264,22 +337,34 @@ __device__ PlaneGrads<Acc> plane_backward(const BackwardArgs<T, Acc>& a, int64_t
   return pg;
 }
 
-// dx = G g, plus dM at the max's position and dm at the min's; dres = G.
-template <int VEC, typename T, typename Acc>
-__device__ __forceinline__ void write_input_grads(const BackwardArgs<T, Acc>& a,
-                                                  const Acc (&G)[VEC], const Acc (&g)[VEC],
-                                                  const Acc (&dM)[VEC], const Acc (&dm)[VEC],
-                                                  const int32_t (&imax)[VEC],
-                                                  const int32_t (&imin)[VEC],
-                                                  const int32_t (&pos)[VEC], int64_t dx_off,
-                                                  int64_t dres_off) {
-  Acc d[VEC];
+// What one plane's backward needs of its forward, per element j of a VEC group: the gate,
+// dM and dm (spem_math.h's PlaneGrads) and the positions of the max and the min.
+template <typename Acc, int VEC>
+struct PlaneCoefs {
+  Acc g[VEC], dM[VEC], dm[VEC];
+  int32_t imax[VEC], imin[VEC];
+};
+
+// d = G g, plus dM at the max's position and dm at the min's: the gradient reaching x.
+template <int VEC, typename Acc>
+__device__ __forceinline__ void input_grad(const PlaneCoefs<Acc, VEC>& k, const Acc (&G)[VEC],
+                                           const int32_t (&pos)[VEC], Acc (&d)[VEC]) {
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
-    d[j] = G[j] * g[j];
-    if (pos[j] == imax[j]) d[j] += dM[j];
-    if (pos[j] == imin[j]) d[j] += dm[j];
+    d[j] = G[j] * k.g[j];
+    if (pos[j] == k.imax[j]) d[j] += k.dM[j];
+    if (pos[j] == k.imin[j]) d[j] += k.dm[j];
   }
+}
+
+// dx = G g (+ dM, dm at the extremes); dres = G.
+template <int VEC, typename T, typename Acc>
+__device__ __forceinline__ void write_input_grads(const BackwardArgs<T, Acc>& a,
+                                                  const PlaneCoefs<Acc, VEC>& k,
+                                                  const Acc (&G)[VEC], const int32_t (&pos)[VEC],
+                                                  int64_t dx_off, int64_t dres_off) {
+  Acc d[VEC];
+  input_grad<VEC>(k, G, pos, d);
   store<VEC>(a.dx + dx_off, d);
   if (a.dres != nullptr) store<VEC>(a.dres + dres_off, G);
 }
@@ -287,10 +372,7 @@ __device__ __forceinline__ void write_input_grads(const BackwardArgs<T, Acc>& a,
 template <typename T, typename Acc, int VEC>
 __global__ void __launch_bounds__(kThreads)
     backward_planes(const BackwardArgs<T, Acc> a, int group, bool flat) {
-  const int lane = threadIdx.x % group;
-  const int64_t plane = int64_t(blockIdx.x) * (kThreads / group) + threadIdx.x / group;
-  const bool active = plane < a.N * a.C;
-  const int64_t n = active ? plane / a.C : 0, c = active ? plane % a.C : 0;
+  const auto [lane, plane, n, c, active] = plane_task(a.N, a.C, group);
   const int32_t W = a.W;
   const int64_t HW = a.H * a.W, step = group * VEC;
   Acc S = 0;
@@ -306,12 +388,11 @@ __global__ void __launch_bounds__(kThreads)
   S = group_reduce(S, group);
   if (active) {
     const PlaneGrads<Acc> pg = plane_backward(a, n, c, S, lane == 0);
-    Acc g[VEC], dM[VEC], dm[VEC];
-    int32_t imax[VEC], imin[VEC];
+    PlaneCoefs<Acc, VEC> k;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      g[j] = pg.g, dM[j] = pg.dM, dm[j] = pg.dm;
-      imax[j] = a.idx[2 * (n * a.C + c)], imin[j] = a.idx[2 * (n * a.C + c) + 1];
+      k.g[j] = pg.g, k.dM[j] = pg.dM, k.dm[j] = pg.dm;
+      k.imax[j] = a.idx[2 * (n * a.C + c)], k.imin[j] = a.idx[2 * (n * a.C + c) + 1];
     }
     for (int64_t q = lane * VEC; q < HW; q += step) {
       const int32_t p = int32_t(q);
@@ -320,7 +401,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int j = 0; j < VEC; ++j) pos[j] = p + j;
       masked_grad<VEC>(a, offset(a.sg, n, c, p, W, flat), offset(a.so, n, c, p, W, flat), G);
-      write_input_grads<VEC>(a, G, g, dM, dm, imax, imin, pos, offset(a.sd, n, c, p, W, flat),
+      write_input_grads<VEC>(a, k, G, pos, offset(a.sd, n, c, p, W, flat),
                              offset(a.sdr, n, c, p, W, flat));
     }
   }
@@ -333,10 +414,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ Acc partial[kWarps * kTile];
   __shared__ Acc gate[kTile], dmax[kTile], dmin[kTile];
   __shared__ int32_t pmax[kTile], pmin[kTile];
-  const int64_t tiles = (a.C + kTile - 1) / kTile;
-  const int64_t n = blockIdx.x / tiles, c0 = blockIdx.x % tiles * kTile;
-  const int lc = threadIdx.x % LC, row = threadIdx.x / LC;
-  const int64_t c = c0 + lc * VEC;
+  const auto [n, c0, lc, row, c] = tile_task<LC, VEC>(a.C);
   const int32_t W = a.W;
   const int64_t HW = a.H * a.W;
   Acc S[VEC];
@@ -361,12 +439,12 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
   if (c < a.C) {
-    Acc g[VEC], dM[VEC], dm[VEC];
-    int32_t imax[VEC], imin[VEC];
+    PlaneCoefs<Acc, VEC> k;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       const int t = lc * VEC + j;
-      g[j] = gate[t], dM[j] = dmax[t], dm[j] = dmin[t], imax[j] = pmax[t], imin[j] = pmin[t];
+      k.g[j] = gate[t], k.dM[j] = dmax[t], k.dm[j] = dmin[t];
+      k.imax[j] = pmax[t], k.imin[j] = pmin[t];
     }
     for (int64_t q = row; q < HW; q += kRows) {
       const int32_t p = int32_t(q);
@@ -375,7 +453,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int j = 0; j < VEC; ++j) pos[j] = p;
       masked_grad<VEC>(a, offset(a.sg, n, c, p, W, flat), offset(a.so, n, c, p, W, flat), G);
-      write_input_grads<VEC>(a, G, g, dM, dm, imax, imin, pos, offset(a.sd, n, c, p, W, flat),
+      write_input_grads<VEC>(a, k, G, pos, offset(a.sd, n, c, p, W, flat),
                              offset(a.sdr, n, c, p, W, flat));
     }
   }
@@ -384,17 +462,34 @@ __global__ void __launch_bounds__(kThreads)
 // The parameter gradients from the backward's partials, (kPartials, N, C): blocks
 // 0 .. 4 * channel_blocks - 1 each sum kSumChannels channels of one of the first four planes
 // over n (dw1, db1, dw2, db2: a thread per channel and row group, the groups combined in
-// order); the last block sums the fifth plane over n and c into D and forms p's gradient
-// (spem_math.h). Every sum has a fixed order: two runs give bitwise equal gradients.
+// order); spem_bn adds 2 * channel_blocks blocks for the plane sums of dx and dx (y - mean)
+// (dbias, dweight and the writing pass's k2, k3: spem_bn_math.h); the last block sums the
+// fifth plane over n and c into D and forms p's gradient (spem_math.h). Every sum has a
+// fixed order: two runs give bitwise equal gradients.
 constexpr int kSumChannels = 32;
 constexpr int kSumRows = kThreads / kSumChannels;
 
 template <typename T, typename Acc>
+__device__ void store_bn_sum(const BackwardArgs<T, Acc>& a, int64_t plane, int64_t c, Acc s) {
+  const Acc count = Acc(a.N) * Acc(a.H * a.W);
+  if (plane == kBnSumDx) {
+    a.dbias[c] = s;
+    a.coef[c] = a.training ? s / count : Acc(0);
+  } else {
+    const Acc invstd = a.invstd[c];
+    a.dweight[c] = invstd * s;
+    a.coef[a.C + c] = a.training ? s * invstd * invstd / count : Acc(0);
+  }
+}
+
+template <typename T, typename Acc>
 __global__ void __launch_bounds__(kThreads) param_grads(const BackwardArgs<T, Acc> a) {
   const int64_t NC = a.N * a.C, channel_blocks = (a.C + kSumChannels - 1) / kSumChannels;
-  if (blockIdx.x < 4 * channel_blocks) {
+  const int64_t sums = a.mean != nullptr ? 6 : 4;
+  if (blockIdx.x < sums * channel_blocks) {
     __shared__ Acc rows[kSumRows][kSumChannels];
-    const int64_t plane = blockIdx.x / channel_blocks;
+    const int64_t which = blockIdx.x / channel_blocks;
+    const int64_t plane = which < 4 ? which : which + 1;  // plane 4 is p's, summed below
     const int lane = threadIdx.x % kSumChannels, row = threadIdx.x / kSumChannels;
     const int64_t c = blockIdx.x % channel_blocks * kSumChannels + lane;
     const Acc* part = a.partials + plane * NC;
@@ -406,7 +501,10 @@ __global__ void __launch_bounds__(kThreads) param_grads(const BackwardArgs<T, Ac
     if (row == 0 && c < a.C) {
       for (int r = 1; r < kSumRows; ++r) s += rows[r][lane];
       Acc* const grads[4] = {a.dw1, a.db1, a.dw2, a.db2};
-      grads[plane][c] = s;
+      if (plane < 4)
+        grads[plane][c] = s;
+      else
+        store_bn_sum(a, plane, c, s);
     }
     return;
   }
@@ -416,6 +514,240 @@ __global__ void __launch_bounds__(kThreads) param_grads(const BackwardArgs<T, Ac
   for (int64_t k = threadIdx.x; k < NC; k += kThreads) D += part[k];
   D = group_reduce(D, kThreads);
   if (threadIdx.x == 0) p_gradient(a.p, D, a.dp);
+}
+
+// --- spem_bn: BatchNorm's statistics, and the backward's two passes ---
+
+// Each plane's mean and M2 into plane_stats (2, N, C): a group of threads per plane (as
+// forward_planes), two sweeps (the second reads the plane again, from cache).
+template <typename T, typename Acc, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    bn_stats_planes(const BnStatsArgs<T, Acc> a, int group, bool flat) {
+  const auto [lane, plane, n, c, active] = plane_task(a.N, a.C, group);
+  const int32_t W = a.W;
+  const int64_t HW = a.H * a.W, step = group * VEC;
+  Acc sum = 0;
+  if (active)
+    for (int64_t q = lane * VEC; q < HW; q += step) {
+      Acc y[VEC];
+      load<VEC>(a.y + offset(a.sy, n, c, int32_t(q), W, flat), y);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) sum += y[j];
+    }
+  const Acc mean = group_reduce(sum, group) / Acc(HW);
+  Acc m2 = 0;
+  if (active)
+    for (int64_t q = lane * VEC; q < HW; q += step) {
+      Acc y[VEC];
+      load<VEC>(a.y + offset(a.sy, n, c, int32_t(q), W, flat), y);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) m2 += (y[j] - mean) * (y[j] - mean);
+    }
+  __syncthreads();  // group_reduce's shared values of the sum are read by now
+  m2 = group_reduce(m2, group);
+  if (active && lane == 0) {
+    a.plane_stats[plane] = mean;
+    a.plane_stats[a.N * a.C + plane] = m2;
+  }
+}
+
+// The same for channels_last: a block per tile of channels of one sample (as forward_channels).
+template <typename T, typename Acc, int VEC, int LC>
+__global__ void __launch_bounds__(kThreads)
+    bn_stats_channels(const BnStatsArgs<T, Acc> a, bool flat) {
+  constexpr int kTile = LC * VEC, kRows = kThreads / LC;
+  __shared__ Acc partial[kWarps * kTile];
+  __shared__ Acc tile_mean[kTile];
+  const auto [n, c0, lc, row, c] = tile_task<LC, VEC>(a.C);
+  const int32_t W = a.W;
+  const int64_t HW = a.H * a.W;
+  Acc sum[VEC], m2[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) sum[j] = m2[j] = 0;
+  if (c < a.C)
+    for (int64_t q = row; q < HW; q += kRows) {
+      Acc y[VEC];
+      load<VEC>(a.y + offset(a.sy, n, c, int32_t(q), W, flat), y);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) sum[j] += y[j];
+    }
+  const Acc total = tile_reduce<LC, VEC>(sum, partial);
+  if (threadIdx.x < kTile) tile_mean[threadIdx.x] = total / Acc(HW);
+  __syncthreads();
+  Acc mean[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) mean[j] = tile_mean[lc * VEC + j];
+  if (c < a.C)
+    for (int64_t q = row; q < HW; q += kRows) {
+      Acc y[VEC];
+      load<VEC>(a.y + offset(a.sy, n, c, int32_t(q), W, flat), y);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) m2[j] += (y[j] - mean[j]) * (y[j] - mean[j]);
+    }
+  const Acc m2_total = tile_reduce<LC, VEC>(m2, partial);  // (its barrier follows the reads
+                                                           // of the first: tile_mean's)
+  const int64_t ct = c0 + threadIdx.x;
+  if (threadIdx.x < kTile && ct < a.C) {
+    a.plane_stats[n * a.C + ct] = tile_mean[threadIdx.x];
+    a.plane_stats[(a.N + n) * a.C + ct] = m2_total;
+  }
+}
+
+// A thread per channel: mean, invstd (and the running statistics' update), and the forward's
+// alpha, beta (spem_bn_math.h).
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(kThreads) bn_finalize(const BnStatsArgs<T, Acc> a) {
+  const int64_t c = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  if (c >= a.C) return;
+  finalize_channel(a.plane_stats, a.plane_stats + a.N * a.C, a.N, a.C, a.H * a.W, c, a.training,
+                   a.momentum, a.eps, a.running_mean, a.running_var, a.mean, a.invstd);
+  const ChannelNorm<Acc> k = channel_norm(a.mean, a.invstd, a.weight, a.bias, c);
+  a.affine[c] = k.alpha;
+  a.affine[a.C + c] = k.beta;
+}
+
+// One plane's end of the reduction pass, from SG = sum G and SD = sum G (y - mean): the SPEM
+// partials, the plane sums of dx and dx (y - mean), and g, dM, dm (spem_bn_math.h).
+template <typename T, typename Acc>
+__device__ void bn_plane_backward(const BackwardArgs<T, Acc>& a, int64_t n, int64_t c, Acc SG,
+                                  Acc SD, bool flat) {
+  const ChannelNorm<Acc> k = channel_norm(a.mean, a.invstd, a.weight, a.bias, c);
+  const PlaneGrads<Acc> pg = plane_backward(a, n, c, k.alpha * SD + k.bias * SG, true);
+  const int64_t nc = n * a.C + c, NC = a.N * a.C;
+  const int32_t imax = a.idx[2 * nc], imin = a.idx[2 * nc + 1];
+  const Acc dev_max = to_acc(a.x[offset(a.sx, n, c, imax, int32_t(a.W), flat)]) - k.mean;
+  const Acc dev_min = to_acc(a.x[offset(a.sx, n, c, imin, int32_t(a.W), flat)]) - k.mean;
+  bn_plane_sums(pg, SG, SD, dev_max, dev_min, &a.partials[kBnSumDx * NC + nc],
+                &a.partials[kBnSumDxDev * NC + nc]);
+  a.partials[kBnGate * NC + nc] = pg.g;
+  a.partials[(kBnGate + 1) * NC + nc] = pg.dM;
+  a.partials[(kBnGate + 2) * NC + nc] = pg.dm;
+}
+
+template <typename T, typename Acc, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    bn_reduce_planes(const BackwardArgs<T, Acc> a, int group, bool flat) {
+  const auto [lane, plane, n, c, active] = plane_task(a.N, a.C, group);
+  const int32_t W = a.W;
+  const int64_t HW = a.H * a.W, step = group * VEC;
+  const Acc mean = a.mean[c];
+  Pair<Acc> s{0, 0};
+  if (active)
+    for (int64_t q = lane * VEC; q < HW; q += step) {
+      const int32_t p = int32_t(q);
+      Acc G[VEC], y[VEC];
+      masked_grad<VEC>(a, offset(a.sg, n, c, p, W, flat), offset(a.so, n, c, p, W, flat), G);
+      load<VEC>(a.x + offset(a.sx, n, c, p, W, flat), y);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) s.a += G[j], s.b += G[j] * (y[j] - mean);
+    }
+  s = group_reduce(s, group);
+  if (active && lane == 0) bn_plane_backward(a, n, c, s.a, s.b, flat);
+}
+
+template <typename T, typename Acc, int VEC, int LC>
+__global__ void __launch_bounds__(kThreads)
+    bn_reduce_channels(const BackwardArgs<T, Acc> a, bool flat) {
+  constexpr int kTile = LC * VEC, kRows = kThreads / LC;
+  __shared__ Pair<Acc> partial[kWarps * kTile];
+  const auto [n, c0, lc, row, c] = tile_task<LC, VEC>(a.C);
+  const int32_t W = a.W;
+  const int64_t HW = a.H * a.W;
+  Pair<Acc> s[VEC];
+  Acc mean[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) s[j] = {0, 0}, mean[j] = c < a.C ? a.mean[c + j] : Acc(0);
+  if (c < a.C)
+    for (int64_t q = row; q < HW; q += kRows) {
+      const int32_t p = int32_t(q);
+      Acc G[VEC], y[VEC];
+      masked_grad<VEC>(a, offset(a.sg, n, c, p, W, flat), offset(a.so, n, c, p, W, flat), G);
+      load<VEC>(a.x + offset(a.sx, n, c, p, W, flat), y);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) s[j].a += G[j], s[j].b += G[j] * (y[j] - mean[j]);
+    }
+  const Pair<Acc> mine = tile_reduce<LC, VEC>(s, partial);
+  const int64_t ct = c0 + threadIdx.x;
+  if (threadIdx.x < kTile && ct < a.C) bn_plane_backward(a, n, ct, mine.a, mine.b, flat);
+}
+
+// The writing pass's coefficients of channel c, for element j of a VEC group.
+template <typename T, typename Acc, int VEC>
+__device__ __forceinline__ void load_write_coefs(const BackwardArgs<T, Acc>& a, int64_t n,
+                                                 int64_t c, int j, PlaneCoefs<Acc, VEC>& k,
+                                                 Acc (&alpha)[VEC], Acc (&mean)[VEC],
+                                                 Acc (&k2)[VEC], Acc (&k3)[VEC]) {
+  const int64_t nc = n * a.C + c, NC = a.N * a.C;
+  k.g[j] = a.partials[kBnGate * NC + nc];
+  k.dM[j] = a.partials[(kBnGate + 1) * NC + nc];
+  k.dm[j] = a.partials[(kBnGate + 2) * NC + nc];
+  k.imax[j] = a.idx[2 * nc], k.imin[j] = a.idx[2 * nc + 1];
+  const ChannelNorm<Acc> norm = channel_norm(a.mean, a.invstd, a.weight, a.bias, c);
+  alpha[j] = norm.alpha, mean[j] = norm.mean, k2[j] = a.coef[c], k3[j] = a.coef[a.C + c];
+}
+
+// dy = alpha (dx - k2 - (y - mean) k3) with dx = G g (+ dM, dm at the extremes); dres = G.
+template <int VEC, typename T, typename Acc>
+__device__ __forceinline__ void write_bn_input_grads(
+    const BackwardArgs<T, Acc>& a, const PlaneCoefs<Acc, VEC>& k, const Acc (&alpha)[VEC],
+    const Acc (&mean)[VEC], const Acc (&k2)[VEC], const Acc (&k3)[VEC], const Acc (&G)[VEC],
+    const Acc (&y)[VEC], const int32_t (&pos)[VEC], int64_t dy_off, int64_t dres_off) {
+  Acc d[VEC];
+  input_grad<VEC>(k, G, pos, d);
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) d[j] = alpha[j] * (d[j] - k2[j] - (y[j] - mean[j]) * k3[j]);
+  store<VEC>(a.dx + dy_off, d);
+  if (a.dres != nullptr) store<VEC>(a.dres + dres_off, G);
+}
+
+template <typename T, typename Acc, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    bn_write_planes(const BackwardArgs<T, Acc> a, int group, bool flat) {
+  const auto [lane, plane, n, c, active] = plane_task(a.N, a.C, group);
+  if (!active) return;  // no barrier follows
+  const int32_t W = a.W;
+  const int64_t HW = a.H * a.W, step = group * VEC;
+  PlaneCoefs<Acc, VEC> k;
+  Acc alpha[VEC], mean[VEC], k2[VEC], k3[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) load_write_coefs<T, Acc, VEC>(a, n, c, j, k, alpha, mean, k2, k3);
+  for (int64_t q = lane * VEC; q < HW; q += step) {
+    const int32_t p = int32_t(q);
+    Acc G[VEC], y[VEC];
+    int32_t pos[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) pos[j] = p + j;
+    masked_grad<VEC>(a, offset(a.sg, n, c, p, W, flat), offset(a.so, n, c, p, W, flat), G);
+    load<VEC>(a.x + offset(a.sx, n, c, p, W, flat), y);
+    write_bn_input_grads<VEC>(a, k, alpha, mean, k2, k3, G, y, pos,
+                              offset(a.sd, n, c, p, W, flat), offset(a.sdr, n, c, p, W, flat));
+  }
+}
+
+template <typename T, typename Acc, int VEC, int LC>
+__global__ void __launch_bounds__(kThreads)
+    bn_write_channels(const BackwardArgs<T, Acc> a, bool flat) {
+  constexpr int kRows = kThreads / LC;
+  const auto [n, c0, lc, row, c] = tile_task<LC, VEC>(a.C);
+  if (c >= a.C) return;  // no barrier follows
+  const int32_t W = a.W;
+  const int64_t HW = a.H * a.W;
+  PlaneCoefs<Acc, VEC> k;
+  Acc alpha[VEC], mean[VEC], k2[VEC], k3[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j)
+    load_write_coefs<T, Acc, VEC>(a, n, c + j, j, k, alpha, mean, k2, k3);
+  for (int64_t q = row; q < HW; q += kRows) {
+    const int32_t p = int32_t(q);
+    Acc G[VEC], y[VEC];
+    int32_t pos[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) pos[j] = p;
+    masked_grad<VEC>(a, offset(a.sg, n, c, p, W, flat), offset(a.so, n, c, p, W, flat), G);
+    load<VEC>(a.x + offset(a.sx, n, c, p, W, flat), y);
+    write_bn_input_grads<VEC>(a, k, alpha, mean, k2, k3, G, y, pos,
+                              offset(a.sd, n, c, p, W, flat), offset(a.sdr, n, c, p, W, flat));
+  }
 }
 
 // --- launch configuration ---
@@ -508,9 +840,55 @@ cudaError_t launch_spem_backward(const BackwardArgs<T, Acc>& a, cudaStream_t str
   return cudaGetLastError();
 }
 
+template <typename T, typename Acc>
+cudaError_t launch_spem_bn_forward(const BnStatsArgs<T, Acc>& s, const ForwardArgs<T, Acc>& f,
+                                   cudaStream_t stream) {
+  if (s.N * s.C * s.H * s.W == 0) return cudaSuccess;
+  if (s.training) {
+    constexpr int kVec = 16 / sizeof(T);
+    const Layout l = choose_layout<T>({{s.y, s.sy}}, s.C, s.H, s.W, s.sy.c == 1 && s.C > 1);
+    const cudaError_t err =
+        l.vec ? launch(s, l, kVec, bn_stats_planes<T, Acc, kVec>,
+                       bn_stats_channels<T, Acc, kVec, 8>, 8, stream)
+              : launch(s, l, 1, bn_stats_planes<T, Acc, 1>, bn_stats_channels<T, Acc, 1, 32>, 32,
+                       stream);
+    if (err != cudaSuccess) return err;
+  }
+  bn_finalize<T, Acc><<<(s.C + kThreads - 1) / kThreads, kThreads, 0, stream>>>(s);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  return launch_spem_forward(f, stream);
+}
+
+template <typename T, typename Acc>
+cudaError_t launch_spem_bn_backward(const BackwardArgs<T, Acc>& a, cudaStream_t stream) {
+  if (a.N * a.C * a.H * a.W == 0) return cudaSuccess;
+  constexpr int kVec = 16 / sizeof(T);
+  const Layout l = choose_layout<T>({{a.grad, a.sg}, {a.x, a.sx}, {a.relu ? a.out : nullptr, a.so},
+                                     {a.dx, a.sd}, {a.dres, a.sdr}},
+                                    a.C, a.H, a.W, a.sx.c == 1 && a.C > 1);
+  cudaError_t err =
+      l.vec ? launch(a, l, kVec, bn_reduce_planes<T, Acc, kVec>,
+                     bn_reduce_channels<T, Acc, kVec, 8>, 8, stream)
+            : launch(a, l, 1, bn_reduce_planes<T, Acc, 1>, bn_reduce_channels<T, Acc, 1, 32>, 32,
+                     stream);
+  if (err != cudaSuccess) return err;
+  const int64_t channel_blocks = (a.C + kSumChannels - 1) / kSumChannels;
+  param_grads<T, Acc><<<6 * channel_blocks + 1, kThreads, 0, stream>>>(a);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  return l.vec ? launch(a, l, kVec, bn_write_planes<T, Acc, kVec>,
+                        bn_write_channels<T, Acc, kVec, 8>, 8, stream)
+               : launch(a, l, 1, bn_write_planes<T, Acc, 1>, bn_write_channels<T, Acc, 1, 32>, 32,
+                        stream);
+}
+
 #define SPEM_INSTANTIATE(T, Acc)                                                              \
   template cudaError_t launch_spem_forward<T, Acc>(const ForwardArgs<T, Acc>&, cudaStream_t); \
-  template cudaError_t launch_spem_backward<T, Acc>(const BackwardArgs<T, Acc>&, cudaStream_t);
+  template cudaError_t launch_spem_backward<T, Acc>(const BackwardArgs<T, Acc>&, cudaStream_t); \
+  template cudaError_t launch_spem_bn_forward<T, Acc>(const BnStatsArgs<T, Acc>&,           \
+                                                      const ForwardArgs<T, Acc>&, cudaStream_t); \
+  template cudaError_t launch_spem_bn_backward<T, Acc>(const BackwardArgs<T, Acc>&, cudaStream_t);
 SPEM_INSTANTIATE(float, float)
 SPEM_INSTANTIATE(__half, float)
 SPEM_INSTANTIATE(__nv_bfloat16, float)

@@ -1,4 +1,4 @@
-// Launchers of the SPEM CUDA kernels (spem_cuda.cu). Torch-free: raw pointers and strides, so
+// Launchers of the SPEM CUDA kernels (spem_cuda.cu), spem's and spem_bn's. Torch-free: raw pointers and strides, so
 // nvcc compiles the device code without torch's headers; spem_cuda.cpp binds them to tensors.
 // Instantiated for (T, Acc) = (float, float), (__half, float), (__nv_bfloat16, float),
 // (double, double).
@@ -27,6 +27,23 @@ struct ForwardArgs {
   int32_t* idx;                      // (N, C, 2): their row-major positions
   int64_t N, C, H, W;
   bool relu;
+  // spem_bn: (2, C) alpha then beta, the planes are x * alpha + beta (BatchNorm); spem: none
+  const Acc* affine = nullptr;
+};
+
+// spem_bn's BatchNorm statistics (training) and per-channel finalisation.
+template <typename T, typename Acc>
+struct BnStatsArgs {
+  const T* y;
+  Strides sy;
+  Acc* plane_stats;                  // (2, N, C) scratch: each plane's mean and M2
+  const Acc *weight, *bias;          // C values each, or nullptr (no affine parameters)
+  Acc *running_mean, *running_var;   // C values each, or nullptr; updated in training
+  Acc *mean, *invstd;                // C values each: what normalises y
+  Acc* affine;                       // (2, C): alpha, beta for the fused forward
+  int64_t N, C, H, W;
+  bool training;
+  Acc momentum, eps;
 };
 
 template <typename T, typename Acc>
@@ -41,10 +58,17 @@ struct BackwardArgs {
   const Acc* stats;
   const int32_t* idx;
   Acc* partials;               // (5, N, C) scratch: the per-(n, c) partials of spem_math.h
+                               // (spem_bn: (kBnPlanes, N, C), spem_bn_math.h)
   Acc *dw1, *db1, *dw2, *db2;  // C values each: the partials summed over n
   Acc* dp;                     // 2 values: p's gradient
   int64_t N, C, H, W;
   bool relu;
+  // spem_bn only (mean is nullptr for spem): x is y, dx is dy
+  const Acc *mean = nullptr, *invstd = nullptr;   // C values each, from the forward
+  const Acc *weight = nullptr, *bias = nullptr;   // C values each, or nullptr
+  Acc *dweight = nullptr, *dbias = nullptr;       // C values each
+  Acc* coef = nullptr;                            // (2, C) scratch: k2, k3 of the writing pass
+  bool training = false;
 };
 
 // On `stream`: the forward is one kernel launch, the backward two (input gradients and
@@ -54,5 +78,15 @@ cudaError_t launch_spem_forward(const ForwardArgs<T, Acc>& args, cudaStream_t st
 
 template <typename T, typename Acc>
 cudaError_t launch_spem_backward(const BackwardArgs<T, Acc>& args, cudaStream_t stream);
+
+// spem_bn: the forward three launches (statistics in training, finalisation, the fused pass
+// with fwd.affine = stats.affine), the backward three (reduction pass, parameter gradients,
+// writing pass).
+template <typename T, typename Acc>
+cudaError_t launch_spem_bn_forward(const BnStatsArgs<T, Acc>& stats,
+                                   const ForwardArgs<T, Acc>& fwd, cudaStream_t stream);
+
+template <typename T, typename Acc>
+cudaError_t launch_spem_bn_backward(const BackwardArgs<T, Acc>& args, cudaStream_t stream);
 
 }  // namespace spem_native

@@ -1,6 +1,6 @@
-// Torch-side helpers shared by the CPU and CUDA bindings of the spem_native ops: argument
-// checks, output allocation, parameter conversion. Shapes, dtypes and layouts are those of
-// the backend contract, spem_kernels/backends/contract.py.
+// Torch-side helpers shared by the CPU and CUDA bindings of the spem_native ops (spem and
+// spem_bn): argument checks, output allocation, parameter conversion. Shapes, dtypes and
+// layouts are those of the backend contract, spem_kernels/backends/contract.py.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -49,5 +49,55 @@ ForwardResult allocate_forward(const at::Tensor& x);
 
 // dx = empty_like(x); dres = empty_like(x) when written, else an empty (0,) tensor.
 std::tuple<at::Tensor, at::Tensor> allocate_input_grads(const at::Tensor& x, bool write_dres);
+
+// --- spem_bn ---
+
+using BnForwardResult =  // out, stats, idx, mean, invstd
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using BnBackwardResult =  // dy, dres, dweight, dbias, dw1, db1, dw2, db2, dp
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+               at::Tensor, at::Tensor, at::Tensor>;
+
+// spem_bn's BatchNorm tensors in the compute dtype with their values contiguous (the
+// caller's own tensors when they already are: the usual case); undefined where absent.
+// Running statistics of another dtype are updated in a converted copy: finish() writes
+// them back.
+struct BnTensors {
+  at::Tensor weight, bias, running_mean, running_var;
+  at::Tensor caller_mean, caller_var;  // the caller's running statistics, when converted
+  void finish();
+};
+BnTensors bn_tensors(const std::optional<at::Tensor>& running_mean,
+                     const std::optional<at::Tensor>& running_var,
+                     const std::optional<at::Tensor>& weight,
+                     const std::optional<at::Tensor>& bias, at::ScalarType acc);
+
+// A gradient for each of weight and bias: their shape and dtype, or (C,) in the compute dtype
+// where absent; `written` (compute dtype, contiguous) is what the kernels write.
+struct BnParamGrads {
+  at::Tensor dweight, dbias, written_dweight, written_dbias;
+  void finish();
+};
+BnParamGrads allocate_bn_param_grads(const std::optional<at::Tensor>& weight,
+                                     const std::optional<at::Tensor>& bias, const at::Tensor& y,
+                                     at::ScalarType acc);
+
+void check_bn_forward(const at::Tensor& y, const std::optional<at::Tensor>& running_mean,
+                      const std::optional<at::Tensor>& running_var,
+                      const std::optional<at::Tensor>& weight,
+                      const std::optional<at::Tensor>& bias, const at::Tensor& w1,
+                      const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+                      const at::Tensor& p, const std::optional<at::Tensor>& residual,
+                      bool training);
+
+void check_bn_backward(const at::Tensor& grad, const at::Tensor& y, const at::Tensor& out,
+                       const at::Tensor& stats, const at::Tensor& idx, const at::Tensor& mean,
+                       const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
+                       const std::optional<at::Tensor>& bias, const at::Tensor& w1,
+                       const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+                       const at::Tensor& p);
+
+// out, stats, idx as allocate_forward; mean, invstd (C,) in the compute dtype.
+BnForwardResult allocate_bn_forward(const at::Tensor& y);
 
 }  // namespace spem_native

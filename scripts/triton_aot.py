@@ -25,8 +25,10 @@ from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 
-from spem_kernels.backends.contract import backward_outputs, forward_outputs
+from spem_kernels.backends.contract import (backward_outputs, bn_backward_outputs,
+                                            bn_forward_outputs, forward_outputs)
 from spem_kernels.backends import triton_backend as tb
+from spem_kernels.backends import triton_kernels as tk
 from spem_kernels.cases import STAGES, stage_shape
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
@@ -73,9 +75,12 @@ def widest_global_load_bytes(compiled, elem_bytes):
     return max(widths, default=elem_bytes)
 
 
-def launches(shape, dtype, channels_last, relu, residual, wide=False):
-    """(name, kernel, args, meta) for the forward and the two backward launches of one call;
-    wide: as for tensors whose samples span 2**31 elements (int64 offsets)."""
+def launches(shape, dtype, channels_last, relu, residual, wide=False, bn=False):
+    """(name, kernel, args, meta) for the forward and the two backward launches of one call
+    (spem_bn's three and three with bn); wide: as for tensors whose samples span 2**31
+    elements (int64 offsets)."""
+    if bn:
+        return bn_launches(shape, dtype, channels_last, relu, residual)
     C = shape[1]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.empty(shape, dtype=dtype).contiguous(memory_format=fmt)
@@ -92,37 +97,82 @@ def launches(shape, dtype, channels_last, relu, residual, wide=False):
     _, gargs, gmeta = tb.grads_launch(part, params[4], *param_grads)
     if wide:
         fmeta, bmeta = dict(fmeta, WIDE=True), dict(bmeta, WIDE=True)
-    return [("fwd", tb._spem_fwd_kernel, fargs, fmeta), ("bwd", tb._spem_bwd_kernel, bargs, bmeta),
-            ("grads", tb._spem_param_grads_kernel, gargs, gmeta)]
+    return [("fwd", tk._spem_fwd_kernel, fargs, fmeta), ("bwd", tk._spem_bwd_kernel, bargs, bmeta),
+            ("grads", tk._spem_param_grads_kernel, gargs, gmeta)]
+
+
+def bn_launches(shape, dtype, channels_last, relu, residual):
+    """spem_bn's launches in training, BatchNorm with weight and bias and running statistics."""
+    C = shape[1]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    y = torch.empty(shape, dtype=dtype).contiguous(memory_format=fmt)
+    res = torch.empty_like(y) if residual else None
+    grad = torch.empty_like(y)
+    params = [torch.empty(1, C, 1, 1) for _ in range(4)] + [torch.empty(2)]
+    weight, bias, r_mean, r_var = (torch.empty(C) for _ in range(4))
+    out, stats, idx, mean, invstd = bn_forward_outputs(y)
+    dy, dres, dweight, dbias, *param_grads = bn_backward_outputs(
+        y, residual and relu, weight, bias, params)
+    stats_part, part = tb.partials(y, 2), tb.partials(y, tk.BN_PLANES)
+    coef = mean.new_empty((2, C))
+    rows = [("bn_stats", tk._bn_stats_kernel, *tb.bn_stats_launch(y, stats_part)[1:]),
+            ("bn_finalize", tk._bn_finalize_kernel,
+             *tb.bn_finalize_launch(y, stats_part, r_mean, r_var, mean, invstd, True, 0.1,
+                                    1e-5)[1:]),
+            ("fwd", tk._spem_fwd_kernel, *tb.fwd_launch(y, res, out, *params, stats, idx, relu,
+                                                         bn=(mean, invstd, weight, bias))[1:])]
+    reduce, write = tb.bn_bwd_launches(grad, y, out, dy, dres, *params, stats, idx, mean, invstd,
+                                       weight, bias, part, coef, relu, residual and relu)
+    grads = tb.grads_launch(part, params[4], *param_grads,
+                            bn=(invstd, dweight, dbias, coef, y.numel() // C, True))
+    return rows + [("bn_reduce", tk._bn_bwd_reduce_kernel, *reduce[1:]),
+                   ("grads", tk._spem_param_grads_kernel, *grads[1:]),
+                   ("bn_write", tk._bn_bwd_write_kernel, *write[1:])]
 
 
 # The launches worth compiling: the ResNet-164 block tail at each stage shape in both
 # layouts and both training dtypes, the plain gate, a plane that loops, float64, the largest
-# and the smallest ImageNet plane, and int64 offsets (wide).
-CASES = [(shape, dtype, cl, True, True, False)
+# and the smallest ImageNet plane, int64 offsets (wide); and spem_bn's launches at the stage
+# shapes, a plane that loops and float64. (shape, dtype, channels_last, relu, residual, wide,
+# bn)
+CASES = [(shape, dtype, cl, True, True, False, bn)
          for shape in [stage_shape(stage, batch=2) for stage in STAGES]
-         for dtype in (torch.float32, torch.bfloat16) for cl in (False, True)] + [
-    ((2, 64, 32, 32), torch.float32, False, False, False, False),
-    ((1, 2, 100, 100), torch.float32, False, True, True, False),
-    ((1, 2, 100, 100), torch.bfloat16, True, True, True, False),
-    ((2, 5, 13, 17), torch.float64, True, True, True, False),
-    (stage_shape("in112", batch=1), torch.float32, False, True, True, False),
-    (stage_shape("in7", batch=1), torch.bfloat16, True, True, True, False),
-    ((2, 64, 32, 32), torch.float32, False, True, True, True),
+         for dtype in (torch.float32, torch.bfloat16) for cl in (False, True)
+         for bn in (False, True)] + [
+    ((2, 64, 32, 32), torch.float32, False, False, False, False, False),
+    ((1, 2, 100, 100), torch.float32, False, True, True, False, False),
+    ((1, 2, 100, 100), torch.bfloat16, True, True, True, False, False),
+    ((2, 5, 13, 17), torch.float64, True, True, True, False, False),
+    (stage_shape("in112", batch=1), torch.float32, False, True, True, False, False),
+    (stage_shape("in7", batch=1), torch.bfloat16, True, True, True, False, False),
+    ((2, 64, 32, 32), torch.float32, False, True, True, True, False),
+    ((1, 2, 100, 100), torch.bfloat16, True, True, True, False, True),
+    ((2, 5, 13, 17), torch.float64, True, True, True, False, True),
 ]
 
 
 def report(arch):
     """Compile every case; return rows of (case, kernel, meta, resources, widest load)."""
     rows = []
-    for shape, dtype, cl, relu, residual, wide in CASES:
-        for name, kernel, args, meta in launches(shape, dtype, cl, relu, residual, wide):
+    for shape, dtype, cl, relu, residual, wide, bn in CASES:
+        for name, kernel, args, meta in launches(shape, dtype, cl, relu, residual, wide, bn):
             compiled = compile_launch(kernel, args, meta, arch)
             case = (f"{shape} {str(dtype)[6:]} {'NHWC' if cl else 'NCHW'} relu={relu} "
-                    f"res={residual}" + (" wide" if wide else ""))
+                    f"res={residual}" + (" wide" if wide else "") + (" bn" if bn else ""))
             rows.append((case, name, meta, resource_usage(compiled),
                          widest_global_load_bytes(compiled, torch.empty(0, dtype=dtype).element_size())))
     return rows
+
+
+def one_pass(case, meta):
+    """Whether a launch reads each plane once: ONE_PASS, or for the kernels that always loop
+    (spem_bn's backward passes) a BLOCK_HW that covers the plane; None for the reductions."""
+    if "ONE_PASS" in meta:
+        return meta["ONE_PASS"]
+    if "BLOCK_HW" not in meta:
+        return None
+    H, W = (int(v) for v in case.split(")")[0].split(",")[2:])
+    return meta["BLOCK_HW"] >= triton.next_power_of_2(H * W)
 
 
 def main():
@@ -134,7 +184,7 @@ def main():
         sys.exit("run without TRITON_INTERPRET=1: the interpreter compiles nothing")
     if args.json:
         print(json.dumps([dict(arch=arch, case=case, kernel=name, resources=res, load_bytes=load,
-                               one_pass=meta.get("ONE_PASS"))
+                               one_pass=one_pass(case, meta))
                           for arch in args.arch for case, name, meta, res, load in report(arch)]))
         return
     for arch in args.arch:

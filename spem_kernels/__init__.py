@@ -7,15 +7,17 @@ it (data flows down in the forward pass, back up in the backward):
     demo.py, cases.py, timing.py             the demo; cases and timer (also for benchmarks/)
     models/, data/                           CIFAR ResNets; CIFAR on the device
     layer.py                                 the SPEM nn.Module
-    ops.py                                   the op: checks, backend choice, autograd
+    ops.py                                   the ops (spem, spem_bn): checks, backend
+                                             choice, autograd
     backends/, reference.py                  the kernels (csrc/ through native), the reference
 
 Nothing below the trainer imports it; benchmarks/ and tests/ use this package's API.
 """
 from .backends import available_backends
 from .layer import SPEM
-from .ops import spem
-from .reference import spem_reference
+from .ops import spem, spem_bn
+from .reference import spem_bn_reference, spem_reference
 
-__all__ = ["SPEM", "available_backends", "spem", "spem_reference"]
+__all__ = ["SPEM", "available_backends", "spem", "spem_bn", "spem_bn_reference",
+           "spem_reference"]
 __version__ = "0.1.0"

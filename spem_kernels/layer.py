@@ -1,4 +1,5 @@
-"""SPEM as an nn.Module: the parameters, their initialisation, the regulariser."""
+"""SPEM as an nn.Module (the parameters, their initialisation, the regulariser), and what an
+nn.BatchNorm2d module hands spem_bn."""
 import torch
 from torch import nn
 
@@ -42,3 +43,21 @@ class SPEM(nn.Module):
 
     def extra_repr(self):
         return f"{self.channels}, backend={self.backend!r}"
+
+
+def batch_norm_arguments(bn):
+    """What `bn` (an nn.BatchNorm2d) would pass F.batch_norm in its forward, as spem_bn takes
+    it: ((running_mean, running_var, weight, bias), {training, momentum, eps}). Like that
+    forward it counts the batch in num_batches_tracked when training with running statistics,
+    turns momentum=None into the cumulative factor 1 / num_batches_tracked, normalises with
+    batch statistics in training (and in eval without running statistics), and updates the
+    running statistics only when it tracks them."""
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    running = not bn.training or bn.track_running_stats
+    return ((bn.running_mean if running else None, bn.running_var if running else None,
+             bn.weight, bn.bias), dict(training=training, momentum=momentum, eps=bn.eps))

@@ -1,6 +1,7 @@
-"""The eager SPEM reference, written op by op the way the original layer was.
+"""The eager SPEM references, written op by op the way the original layer was.
 
-This is the yardstick every fast path is tested against, and the "eager" backend.
+These are the yardsticks every fast path is tested against, and the "eager" backend:
+spem_reference for spem, spem_bn_reference (BatchNorm, then spem_reference) for spem_bn.
 Max and min come from max-pooling (the min as -maxpool(-x)), so autograd sends the
 max (min) gradient to the first position in row-major (h, w) order, and a NaN
 anywhere in a plane makes that plane's max, gate and output NaN.
@@ -35,3 +36,11 @@ def spem_reference(x, w1, b1, w2, b2, p, residual=None, *, relu=False, backend="
     # The gate is float32 (the parameters' dtype) for 16-bit x: the tail runs in float32
     # and rounds once, as the fused kernels do.
     return out.to(x.dtype)
+
+
+def spem_bn_reference(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p,
+                      residual=None, *, training=True, momentum=0.1, eps=1e-5, relu=False,
+                      backend="eager"):
+    """Eager BatchNorm then SPEM: what spem_bn computes, op by op (SPEM.md, BatchNorm)."""
+    x = F.batch_norm(y, running_mean, running_var, weight, bias, training, momentum, eps)
+    return spem_reference(x, w1, b1, w2, b2, p, residual, relu=relu)

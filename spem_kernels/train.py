@@ -29,6 +29,10 @@ def parse_args(argv=None):
     parser.add_argument("--attention", default="spem", choices=("spem", "none"))
     parser.add_argument("--backend", default="auto",
                         help="SPEM kernels: auto, triton, native, eager")
+    parser.add_argument("--no-fuse-bn", dest="fuse_bn", action="store_false",
+                        help="keep each block's last BatchNorm a module of its own, called "
+                             "before the SPEM op (default: inside it, spem_bn: same values, "
+                             "less memory)")
     parser.add_argument("--epochs", type=int, default=164)
     parser.add_argument("--schedule", type=int, nargs="+", default=[81, 122],
                         help="epochs (0-based) at whose start the lr is multiplied by --gamma")

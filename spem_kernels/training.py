@@ -178,7 +178,8 @@ def _choose_seed(manual_seed, ckpt, world):
 def _make_model(args, device):
     try:
         net = cifar_resnet(args.depth, NUM_CLASSES[args.dataset], args.block_name,
-                           args.attention, args.backend).to(device)
+                           args.attention, args.backend,
+                           args.fuse_bn).to(device)
     except ValueError as e:  # --depth, --block-name, --attention or --backend
         raise UserError(str(e)) from e
     if args.channels_last:

@@ -34,3 +34,23 @@ def make_inputs(shape, dtype, device, kind="contiguous", residual=True):
     p = torch.randn(2, device=device, dtype=pdtype)
     res = layout(torch.randn(shape, device=device).to(dtype), res_kind) if residual else None
     return [x, *params, p, res]
+
+
+def make_bn_inputs(shape, dtype, device, kind="contiguous", residual=True, affine=True,
+                   track=True):
+    """spem_bn's inputs: y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p,
+    residual. y as make_inputs' x but off-centre and scaled (BatchNorm has work to do);
+    BatchNorm's tensors in the parameters' dtype: running statistics (None without `track`)
+    and weight, bias (None without `affine`; the weight of either sign, so that some channels
+    swap max and min), all fresh random."""
+    x, *params, res = make_inputs(shape, dtype, device, kind, residual)
+    C = shape[1]
+    pdtype = params[0].dtype
+    y = x.mul_(1.5).add_(0.25)  # in place: keeps make_inputs' layout (a view stays a view)
+
+    def channel(low, high):
+        return torch.empty(C, device=device, dtype=pdtype).uniform_(low, high)
+
+    running = (channel(-0.5, 0.5), channel(0.5, 2.0)) if track else (None, None)
+    weight_bias = (channel(-1.5, 1.5), channel(-0.5, 0.5)) if affine else (None, None)
+    return [y, *running, *weight_bias, *params, res]

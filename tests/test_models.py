@@ -149,3 +149,107 @@ def test_channels_last_matches_contiguous():
 def test_bad_arguments_raise_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         cifar_resnet(**kwargs)
+    with pytest.raises(TypeError, match="fuse_bn must be a bool"):
+        cifar_resnet(fuse_bn="yes")
+
+
+def _pair(depth, block_name, **kw):
+    """The same random-weight network twice: its blocks' last BatchNorm inside spem_bn
+    (fuse_bn) and apart (the module, then spem)."""
+    torch.manual_seed(0)
+    fused = cifar_resnet(depth, block_name=block_name, backend="native", **kw)
+    with torch.no_grad():
+        for name, t in fused.named_parameters():
+            if name.rsplit(".", 1)[-1] in ("w1", "b1", "w2", "b2", "p", "weight", "bias"):
+                t.add_(0.3 * torch.randn_like(t))
+        for m in fused.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    unfused = cifar_resnet(depth, block_name=block_name, backend="native", fuse_bn=False, **kw)
+    unfused.load_state_dict(fused.state_dict())
+    return fused, unfused
+
+
+@pytest.mark.parametrize("block_name, depth", [("bottleneck", 11), ("basicblock", 8)])
+def test_fused_batch_norm_trains_and_evaluates_as_the_module(block_name, depth):
+    """Three SGD steps in train mode, then eval: the fused blocks' logits, gradients, running
+    statistics and num_batches_tracked are those of BatchNorm modules followed by spem."""
+    fused, unfused = _pair(depth, block_name)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (fused, unfused)]
+    for _ in range(3):
+        x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+        for model, opt in zip((fused, unfused), opts):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        torch.testing.assert_close(fused.layer1[0].w2.grad, unfused.layer1[0].w2.grad,
+                                   rtol=1e-4, atol=1e-5)
+    for (name, a), b in zip(fused.state_dict().items(), unfused.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    assert fused.layer1[0].bn3.num_batches_tracked.item() == 3 if block_name == "bottleneck" \
+        else fused.layer1[0].bn2.num_batches_tracked.item() == 3
+    x = torch.randn(4, 3, 32, 32)
+    fused.eval()
+    unfused.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), unfused(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("option", ["momentum=None", "track_running_stats=False",
+                                    "affine=False"])
+def test_fused_batch_norm_follows_the_module_options(option):
+    """nn.BatchNorm2d's options on the fused BatchNorm: a cumulative average (momentum None),
+    batch statistics only (no running statistics), no weight and bias."""
+    fused, unfused = _pair(11, "bottleneck")
+    for model in (fused, unfused):
+        for block in (*model.layer1, *model.layer2, *model.layer3):
+            if option == "momentum=None":
+                block.bn3.momentum = None
+            elif option == "track_running_stats=False":
+                block.bn3.track_running_stats = False
+                block.bn3.running_mean = block.bn3.running_var = None
+            else:
+                block.bn3.weight = block.bn3.bias = None
+    for train in (True, True, False):
+        fused.train(train)
+        unfused.train(train)
+        x = torch.randn(3, 3, 32, 32)
+        torch.testing.assert_close(fused(x), unfused(x), rtol=1e-4, atol=1e-5)
+    for (name, a), b in zip(fused.state_dict().items(), unfused.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_original_checkpoint_gives_the_same_logits_fused():
+    """An original ResNet-164 checkpoint loads strictly into the fused network and gives the
+    logits of the original eager code (BatchNorm modules, then the SPEM reference)."""
+    g = torch.Generator().manual_seed(1)
+    original = {}
+    for k, s in original_resnet164_shapes().items():
+        if k.endswith("num_batches_tracked"):
+            original[k] = torch.tensor(7)
+        elif k.endswith("running_var"):
+            original[k] = torch.rand(s, generator=g) + 0.5
+        elif k.endswith(".weight") and len(s) == 4:  # convolutions: variance-preserving
+            original[k] = torch.randn(s, generator=g) * math.sqrt(2.0 / (s[1] * s[2] * s[3]))
+        else:
+            original[k] = 0.3 * torch.randn(s, generator=g) + (1.0 if k.endswith("bn3.weight")
+                                                               else 0.0)
+    fused = cifar_resnet(164).eval()
+    fused.load_state_dict(original)  # strict
+    eager = cifar_resnet(164, backend="eager", fuse_bn=False).eval()
+    eager.load_state_dict(original)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), eager(x), rtol=1e-4, atol=1e-4)
+
+
+def test_sync_batch_norm_runs_apart():
+    """A SyncBatchNorm (statistics across processes) is never fused: the block calls it, then
+    spem, and gives the plain BatchNorm network's values."""
+    fused, unfused = _pair(11, "bottleneck")
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(fused).eval()
+    assert isinstance(synced.layer1[0].bn3, torch.nn.SyncBatchNorm)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(synced(x), unfused.eval()(x), rtol=1e-5, atol=1e-6)

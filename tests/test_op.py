@@ -11,6 +11,8 @@ import sys
 import pytest
 import torch
 
+from op_checks import (PARAM_TOL, leaves, param_grad_scales, rel_err, relu_boundary_zeroed,
+                       scaled_err, spem_masked_grad)
 from op_inputs import layout, make_inputs
 from spem_kernels import spem, spem_reference
 from spem_kernels.cases import IMAGENET_STAGES, STAGES, stage_shape
@@ -25,86 +27,25 @@ LAYOUTS = ["contiguous", "channels_last", "sliced", "mixed"]  # op_inputs.make_i
 TAILS = [(False, False), (True, False), (False, True), (True, True)]  # (residual, relu)
 
 
-def rel_err(actual, expected):
-    """||actual - expected|| / ||expected||, in float64. Inputs and output gradients are O(1)
-    here, so a norm under 1e-2 is a cancellation (p's gradient on 1x1 planes, where max = min,
-    is exactly 0): there the floor 1e-2 turns the ratio into an absolute error."""
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).norm() / expected.norm().clamp_min(1e-2)).item()
-
-
 def run(fn, inputs, relu, grad_out, **kw):
-    """Output and gradients of every tensor input that is not None. The inputs themselves
-    are the leaves, in their own layout: detach() keeps a strided view's strides, where
-    clone() would hand the op a dense copy and leave the view untested."""
-    leaves = [t.detach().requires_grad_() if t is not None else None for t in inputs]
-    for leaf, t in zip(leaves, inputs):
-        assert leaf is None or leaf.stride() == t.stride()
-    out = fn(*leaves[:6], leaves[6], relu=relu, **kw)
+    """Output and gradients of every tensor input that is not None (op_checks.leaves)."""
+    tensors = leaves(inputs)
+    out = fn(*tensors[:6], tensors[6], relu=relu, **kw)
     out.backward(grad_out)
-    return out, [t.grad for t in leaves if t is not None]
-
-
-# Where the pre-activation g*x + residual lies within float32 rounding of 0, the fused ReLU
-# mask (from the float32 output) and the reference's (float64) may disagree: one flipped
-# element moves dx and dresidual by ~3e-4 relative at batch 128, and ~2e-8 of the elements
-# are that close. The gate alone carries a few float32 ulps of error (exp, sigmoid); 32 ulps
-# of the terms' size leaves margin and zeroes ~20 elements of 8M.
-RELU_BOUNDARY_ULPS = 32
+    return out, [t.grad for t in tensors if t is not None]
 
 
 def grad_off_relu_boundary(grad_out, inputs, relu):
-    """grad_out with zeros where the float64 pre-activation is within RELU_BOUNDARY_ULPS
-    float32 ulps of 0, so that both sides apply the same ReLU mask to the gradient."""
+    """grad_out with zeros on the ReLU boundary (op_checks.relu_boundary_zeroed)."""
     if not relu:
         return grad_out
     x, *params, residual = [t.double() if t is not None else None for t in inputs]
-    pre = spem_reference(x, *params, residual, relu=False)
-    res = residual if residual is not None else torch.zeros_like(pre)
-    scale = (pre - res).abs() + res.abs()
-    near = pre.abs() <= RELU_BOUNDARY_ULPS * torch.finfo(torch.float32).eps * scale
-    return grad_out.masked_fill(near, 0)
+    return relu_boundary_zeroed(grad_out, spem_reference(x, *params, residual), residual)
 
 
-def param_grad_scales(inputs, grad_out, relu):
-    """For each parameter (w1, b1, w2, b2, p), the size that rounding its gradient is
-    relative to, in float64: the sum over (n, c) of the absolute values of the gradient's
-    terms (SPEM.md, Backward), with S taken as the sum of |G x| over the plane. A parameter
-    gradient is a sum of such terms, over n (and c, for p) and over the plane inside S; where
-    they cancel, its float32 error stays ~1e-7 of this size, a far larger share of the
-    result (p's gradient at ImageNet planes, a sum over c of terms of either sign)."""
-    x, w1, b1, w2, b2, p, residual = [t.double() if t is not None else None for t in inputs]
-    C = x.shape[1]
-    w1, b1, w2, b2 = (t.reshape(1, C) for t in (w1, b1, w2, b2))
-    G = grad_out.double()
-    if relu:
-        G = G * (spem_reference(x, w1, b1, w2, b2, p, residual, relu=True) > 0)
-    S = (G * x).abs().sum((2, 3))
-    M, m = x.amax((2, 3)), x.amin((2, 3))
-    P = p.square().sum()
-    q0, q1 = p.square() / P
-    A, B = w2 * M + b2, w2 * m + b2
-    s1, s2 = torch.sigmoid(A + B), torch.sigmoid(w1 * (q0 * A + q1 * B) + b1)
-    dZ = S * s1 * s2 * (1 - s2)
-    dU = S * s1 * s2 * (1 - s1)
-    dA, dB = dU + dZ * (w1 * q0).abs(), dU + dZ * (w1 * q1).abs()
-    D = (dZ * (w1 * w2 * (M - m)).abs()).sum()
-    return [(dZ * (q0 * A + q1 * B).abs()).sum(0), dZ.sum(0),
-            (dA * M.abs() + dB * m.abs()).sum(0), (dA + dB).sum(0),
-            2 * p.abs() * torch.stack([q1, q0]) * D / P]
-
-
-def scaled_err(actual, expected, scale):
-    """||actual - expected|| / ||scale||, in float64 (scale: param_grad_scales). Where every
-    term is 0 (p's gradient on 1x1 planes, where max = min), the floor 1e-6 turns the ratio
-    into an absolute error (the reference's own float64 rounding leaves ~1e-15 there)."""
-    diff = actual.double().reshape(-1) - expected.double().reshape(-1)
-    return (diff.norm() / scale.reshape(-1).norm().clamp_min(1e-6)).item()
-
-
-# Parameter gradients of float32 math (16-bit inputs included: their products are exact in
-# float32) against the size of their terms: ~1e-8 seen at every shape here, ImageNet's too.
-PARAM_TOL = 1e-6
+def param_scales(inputs, grad_out, relu):
+    """op_checks.param_grad_scales of spem's parameters for these inputs."""
+    return param_grad_scales(*inputs[:6], spem_masked_grad(inputs, grad_out, relu))
 
 
 def check_against_reference(inputs, relu, backend, out_tol, grad_tol, param_tol=None):
@@ -121,7 +62,7 @@ def check_against_reference(inputs, relu, backend, out_tol, grad_tol, param_tol=
     for name, g, rg in zip(["x", "residual"], grads[::6], ref_grads[::6]):
         assert g.shape == rg.shape, name
         assert rel_err(g, rg) <= grad_tol, name
-    scales = param_grad_scales(inputs, grad_out, relu)
+    scales = param_scales(inputs, grad_out, relu)
     for name, g, rg, scale in zip(["w1", "b1", "w2", "b2", "p"], grads[1:6], ref_grads[1:6],
                                   scales):
         assert g.shape == rg.shape, name
@@ -178,7 +119,7 @@ def test_half_precision_matches_reference(case, dtype, kind, shape):
     assert rel_err(grads[0], ref_grads[0]) <= dx_tol
     assert rel_err(grads[6], ref_grads[6]) <= dx_tol
     for g, rg, scale in zip(grads[1:6], ref_grads[1:6],
-                            param_grad_scales(inputs, grad_out, True)):
+                            param_scales(inputs, grad_out, True)):
         assert g.dtype == torch.float32
         assert scaled_err(g, rg, scale) <= PARAM_TOL
 

@@ -27,28 +27,36 @@ def compiled():
 
 
 def test_every_launch_compiles_for_sm80_and_sm90(compiled):
-    """Each case: forward, backward and the parameter-gradient reduction, for both archs."""
+    """Each case: forward, backward and the parameter-gradient reduction (spem_bn: also the
+    statistics, the finalisation and the backward's two passes), for both archs."""
     assert {row["arch"] for row in compiled} == {80, 90}
+    kernels = {"spem": ("bwd", "fwd", "grads"),
+               "spem_bn": ("bn_finalize", "bn_reduce", "bn_stats", "bn_write", "fwd", "grads")}
+    assert any(case.endswith(" bn") for case in {row["case"] for row in compiled})
     for case in {row["case"] for row in compiled}:
         launches = sorted((row["arch"], row["kernel"]) for row in compiled if row["case"] == case)
         assert launches == [(arch, kernel) for arch in (80, 90)
-                            for kernel in ("bwd", "fwd", "grads")], case
+                            for kernel in kernels["spem_bn" if case.endswith(" bn") else "spem"]], case
 
 
 def stage_rows(compiled):
     """The stage-shape launches of the kernels that walk the planes (fwd and bwd)."""
     rows = [r for r in compiled if r["case"].startswith(("(2, 64,", "(2, 128,", "(2, 256,"))
-            and r["kernel"] != "grads" and not r["case"].endswith("wide")]
+            and r["kernel"] in ("fwd", "bwd", "bn_stats", "bn_reduce", "bn_write")
+            and not r["case"].endswith("wide")]
     assert rows
     return rows
 
 
 def test_stage_shapes_do_not_spill(compiled):
-    """The launches ResNet-164 makes keep everything in registers. (The looped fallback for
-    planes over 8192 positions may use a few bytes of stack; it is not on that path.)"""
-    grads = [r for r in compiled if r["kernel"] == "grads"]
+    """The launches ResNet-164 makes keep everything in registers on sm_90 (H100, H200); on
+    sm_80 (A100) the BatchNorm-fused forward at 64x32x32 channels_last float32 keeps 8 bytes
+    on the stack, and nothing else does. (The looped fallback for planes over 8192 positions
+    may use a few bytes of stack; it is not on that path.)"""
+    grads = [r for r in compiled if r["kernel"] in ("grads", "bn_finalize")]
     for row in stage_rows(compiled) + grads:
-        assert row["resources"].get("STACK", 0) == 0, row
+        sm80_bn_fwd = row["arch"] == 80 and row["kernel"] == "fwd" and row["case"].endswith("bn")
+        assert row["resources"].get("STACK", 0) <= (8 if sm80_bn_fwd else 0), row
         assert row["resources"].get("LOCAL", 0) == 0, row
 
 

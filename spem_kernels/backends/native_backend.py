@@ -3,14 +3,16 @@
 The library registers the ops torch.ops.spem_native.spem_forward / spem_backward, whose
 arguments and results are this module's `forward` / `backward` (backends/contract.py), and
 spem_native.spem, the differentiable op with its autograd in C++ (`differentiable`), which
-the eager call path uses: the cheapest on the host (see csrc/spem_autograd.cpp).
+the eager call path uses: the cheapest on the host (see csrc/spem_autograd.cpp); and the same
+three for spem_bn (spem_bn_forward / spem_bn_backward / spem_bn).
 """
 import threading
 
 import torch
 
 from . import native_build
-from .contract import backward_outputs, forward_outputs
+from .contract import (backward_outputs, bn_backward_outputs, bn_forward_outputs,
+                       forward_outputs)
 
 NAME = "native"
 _lock = threading.Lock()
@@ -31,6 +33,21 @@ def _register_fakes():
     @torch.library.register_fake("spem_native::spem_backward")
     def _(grad, x, out, stats, idx, w1, b1, w2, b2, p, relu, write_dres):
         return backward_outputs(x, write_dres, (w1, b1, w2, b2, p))
+
+    @torch.library.register_fake("spem_native::spem_bn")
+    def _(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p, residual, training,
+          momentum, eps, relu):
+        return torch.empty_like(y)
+
+    @torch.library.register_fake("spem_native::spem_bn_forward")
+    def _(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p, residual, training,
+          momentum, eps, relu):
+        return bn_forward_outputs(y)
+
+    @torch.library.register_fake("spem_native::spem_bn_backward")
+    def _(grad, y, out, stats, idx, mean, invstd, weight, bias, w1, b1, w2, b2, p, training,
+          relu, write_dres):
+        return bn_backward_outputs(y, write_dres, weight, bias, (w1, b1, w2, b2, p))
 
 
 def _ensure_built():
@@ -66,6 +83,24 @@ def backward(grad, x, out, stats, idx, w1, b1, w2, b2, p, relu, write_dres):
 
 def differentiable(x, w1, b1, w2, b2, p, residual, relu):
     return _ops().spem.default(x, w1, b1, w2, b2, p, residual, relu)
+
+
+def bn_forward(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p, residual,
+               training, momentum, eps, relu):
+    return _ops().spem_bn_forward.default(y, running_mean, running_var, weight, bias, w1, b1,
+                                          w2, b2, p, residual, training, momentum, eps, relu)
+
+
+def bn_backward(grad, y, out, stats, idx, mean, invstd, weight, bias, w1, b1, w2, b2, p,
+                training, relu, write_dres):
+    return _ops().spem_bn_backward.default(grad, y, out, stats, idx, mean, invstd, weight, bias,
+                                           w1, b1, w2, b2, p, training, relu, write_dres)
+
+
+def bn_differentiable(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p, residual,
+                      training, momentum, eps, relu):
+    return _ops().spem_bn.default(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p,
+                                  residual, training, momentum, eps, relu)
 
 
 def _ops():
