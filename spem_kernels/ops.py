@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import backends
+from . import backends, export
 from .backends.contract import backward_outputs, forward_outputs
 from .reference import spem_reference
 
@@ -69,6 +69,8 @@ def spem(x, w1, b1, w2, b2, p, residual=None, *, relu=False, backend="auto"):
     """
     _check(x, (w1, b1, w2, b2), p, residual, relu)
     if torch.compiler.is_compiling():
+        if export.onnx_exporting():  # an ONNX graph holds standard operators only
+            return export.spem(x, w1, b1, w2, b2, p, residual, relu)
         name = _backend_name(backend, x.device)
         if name == "eager":
             return spem_reference(x, w1, b1, w2, b2, p, residual, relu=relu)

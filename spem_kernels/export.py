@@ -1,0 +1,96 @@
+"""Deployment: each fused custom op written in standard tensor operations, for exporters
+that cannot call the op (ONNX), and the switch that makes ONNX export record them.
+
+torch.export keeps a fused op as the custom op it is (``spem_kernels::spem_forward``): an
+exported program, AOTInductor included, runs the fused kernel where spem_kernels is
+imported. An ONNX graph can only hold standard operators, so under
+``torch.onnx.export(..., dynamo=True)`` the op's entry point (ops.spem) records its
+composition below instead: ReduceMax / ReduceMin over the plane, the gate, Mul / Add /
+Relu. A program already exported with the custom op in it gets the same compositions from
+``decompositions()`` through ``ExportedProgram.run_decompositions``.
+
+Compositions compute what the kernels compute (SPEM.md), in forward only: the gate and the
+tail in float32 for 16-bit x (float64 for float64 x), one rounding to x's dtype at the end.
+Each returns the custom op's outputs, so it can stand in for the op anywhere.
+"""
+import torch
+
+from .backends.contract import compute_dtype
+
+
+def spem(x, w1, b1, w2, b2, p, residual=None, relu=False):
+    """The op's output ``relu?(g * x + residual)`` in standard ops: what an ONNX graph holds."""
+    y_max, y_min = _extremes(x)
+    return _tail(x, y_max, y_min, w1, b1, w2, b2, p, residual, relu)
+
+
+def spem_forward(x, w1, b1, w2, b2, p, residual, relu, backend):
+    """``spem_kernels::spem_forward`` in standard ops: (out, stats, idx) as the kernels give
+    them (backends/contract.py), the last two being what a backward would need. `backend` is
+    the op's argument, unused here."""
+    y_max, y_min = _extremes(x)
+    out = _tail(x, y_max, y_min, w1, b1, w2, b2, p, residual, relu)
+    stats = torch.cat((y_max, y_min), 3).flatten(2)
+    plane = x.flatten(2)
+    idx = torch.stack((plane.argmax(2), plane.argmin(2)), 2).to(torch.int32)
+    return out, stats, idx
+
+
+def _extremes(x):
+    """Per-plane max and min, (N, C, 1, 1) in the compute dtype. They are exact in any dtype:
+    x is reduced as it is, and only the results are cast."""
+    dtype = compute_dtype(x.dtype)
+    return _cast(x.amax((2, 3), keepdim=True), dtype), _cast(x.amin((2, 3), keepdim=True), dtype)
+
+
+def _cast(t, dtype):
+    """t in dtype. A cast to t's own dtype is still a node in a traced graph (two, with its
+    metadata check): ten per layer add up over ResNet-164's 54 layers at export time."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _channel(t, C):
+    """A per-channel parameter shaped (1, C, 1, 1), the way a SPEM layer keeps it."""
+    return t if t.shape == (1, C, 1, 1) else t.reshape(1, C, 1, 1)
+
+
+def _tail(x, y_max, y_min, w1, b1, w2, b2, p, residual, relu):
+    """The gate from the extremes (SPEM.md, Forward) and relu?(g * x + residual), rounded
+    once to x's dtype."""
+    C, dtype = x.shape[1], y_max.dtype
+    w1, b1, w2, b2 = (_cast(_channel(t, C), dtype) for t in (w1, b1, w2, b2))
+    a = w2 * y_max + b2
+    b = w2 * y_min + b2
+    p2 = _cast(p, dtype).square()
+    q = p2 / p2.sum()
+    z = w1 * (q[0] * a + q[1] * b) + b1
+    gate = torch.sigmoid(a + b) * torch.sigmoid(z)
+    out = gate * _cast(x, dtype)
+    if residual is not None:
+        out = out + _cast(residual, dtype)
+    if relu:
+        out = torch.relu(out)
+    return _cast(out, x.dtype)
+
+
+# Every fused custom op, by qualified name, and its composition: what decompositions() gives
+# run_decompositions. A new op of the family is one more entry (and the same two-line
+# onnx_exporting() branch in its entry point).
+COMPOSITIONS = {"spem_kernels::spem_forward": spem_forward}
+
+
+def onnx_exporting():
+    """True while torch.onnx.export traces a model: an entry point then records its op's
+    composition. Only torch.onnx.export sets the flag, and Dynamo folds
+    ``is_in_onnx_export()`` to False: torch.export and torch.compile keep the fused op."""
+    return torch.compiler.is_exporting() and torch.onnx.is_in_onnx_export()
+
+
+def decompositions():
+    """{OpOverload: composition} of every fused op, for a program exported with the ops in
+    it: ``torch.onnx.export(ep.run_decompositions(spem_kernels.export.decompositions()))``."""
+    table = {}
+    for name, fn in COMPOSITIONS.items():
+        namespace, op = name.split("::")
+        table[getattr(getattr(torch.ops, namespace), op).default] = fn
+    return table
