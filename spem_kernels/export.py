@@ -82,8 +82,9 @@ COMPOSITIONS = {"spem_kernels::spem_forward": spem_forward}
 def onnx_exporting():
     """True while torch.onnx.export traces a model: an entry point then records its op's
     composition. Only torch.onnx.export sets the flag, and Dynamo folds
-    ``is_in_onnx_export()`` to False: torch.export and torch.compile keep the fused op."""
-    return torch.compiler.is_exporting() and torch.onnx.is_in_onnx_export()
+    ``is_in_onnx_export()`` to False: torch.export and torch.compile keep the fused op.
+    (Entry points ask only while tracing: the eager call path never pays for it.)"""
+    return torch.onnx.is_in_onnx_export()
 
 
 def decompositions():
