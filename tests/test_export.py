@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from spem_kernels import SPEM, spem_reference
+from spem_kernels.backends import resolve, unavailable_reason
 from spem_kernels.cases import trained_like
 from spem_kernels.export import COMPOSITIONS, decompositions
 from spem_kernels.models import cifar_resnet
@@ -242,6 +243,23 @@ def test_exported_program_decomposes_for_onnx():
     (got,) = run_onnx(session, x, r)
     with torch.no_grad():
         assert max_rel_err(got, layer(x, r, relu=True)) <= 1e-6
+
+
+@pytest.mark.parametrize("backend", ["auto", "native", "triton", "eager"])
+def test_torch_export_keeps_each_backend(backend):
+    """torch.export records the fused op with the backend that ran (the reference's own
+    operators for "eager"), and the program gives the eager call's output."""
+    if backend != "auto" and unavailable_reason(backend, "cpu") is not None:
+        pytest.skip(unavailable_reason(backend, "cpu"))
+    name = resolve(backend, torch.device("cpu")).NAME
+    layer = trained_like(SPEM(4, backend=backend), seed=6).eval()
+    x, r = torch.randn(2, 4, 5, 5), torch.randn(2, 4, 5, 5)
+    program = torch.export.export(BlockTail(layer).eval(), (x, r))
+    fused = [n.args[-1] for n in program.graph.nodes
+             if n.target is torch.ops.spem_kernels.spem_forward.default]
+    assert fused == ([] if name == "eager" else [name])
+    with torch.no_grad():
+        assert max_rel_err(program.module()(x, r), layer(x, r, relu=True)) <= 1e-6
 
 
 LOAD_AND_RUN = """
