@@ -37,4 +37,17 @@ if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   "$PY" -m pip install -q --disable-pip-version-check "${need[@]}"
 fi
+# The export tests' packages (tests/test_export.py: torch.onnx.export, ONNX Runtime), checked
+# beside torch 2.13 (none pulls torch). Best effort, failing fast: a machine that cannot
+# reach PyPI (a GPU lease) runs everything else and those tests skip; CI (CI=true) fails
+# them instead.
+onnx_need=()
+for mod_req in "onnx:onnx==1.23.2" "onnxscript:onnxscript==0.7.2" "onnxruntime:onnxruntime==1.32.0"; do
+  "$PY" -c "import ${mod_req%%:*}" 2>/dev/null || onnx_need+=("${mod_req#*:}")
+done
+if [ ${#onnx_need[@]} -gt 0 ]; then
+  echo "installing: ${onnx_need[*]}"
+  "$PY" -m pip install -q --disable-pip-version-check --retries 0 --timeout 10 "${onnx_need[@]}" ||
+    echo "warning: could not install ${onnx_need[*]}: the export tests will skip" >&2
+fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"

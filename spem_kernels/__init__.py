@@ -9,7 +9,8 @@ it (data flows down in the forward pass, back up in the backward):
     layer.py                                 the SPEM nn.Module
     ops.py                                   the ops (spem, spem_bn): checks, backend
                                              choice, autograd
-    backends/, reference.py                  the kernels (csrc/ through native), the reference
+    backends/, reference.py, export.py       the kernels (csrc/ through native), the reference,
+                                             the ops in standard ops (ONNX export)
 
 Nothing below the trainer imports it; benchmarks/ and tests/ use this package's API.
 """

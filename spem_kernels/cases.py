@@ -115,3 +115,27 @@ def block_tail_call(op, inputs, direction):
     if direction != "fwd+bwd":
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     return lambda: torch.autograd.grad(forward(), inputs.leaves(), inputs.grad_out)
+
+
+def trained_like(model, seed=0):
+    """`model`, in place, with values like a trained network's rather than its initial ones:
+    SPEM parameters (w1, b1, w2, b2 ~ N(0, 0.5^2), p ~ N(0, 1)) and BatchNorm weights, biases
+    and running statistics drawn from a generator seeded with `seed`. Checks of a whole
+    model run on it: at initialisation every SPEM gate is one constant and BatchNorm in eval
+    mode the identity, which would hide a wrong export."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("w1", "b1", "w2", "b2"):
+                param.copy_(0.5 * torch.randn(param.shape, generator=g))
+            elif leaf == "p":
+                param.copy_(torch.randn(param.shape, generator=g))
+        for bn in model.modules():
+            if isinstance(bn, torch.nn.BatchNorm2d):
+                C = bn.num_features
+                bn.weight.copy_(torch.rand(C, generator=g) + 0.5)
+                bn.bias.copy_(0.2 * torch.randn(C, generator=g))
+                bn.running_mean.copy_(0.2 * torch.randn(C, generator=g))
+                bn.running_var.copy_(torch.rand(C, generator=g) * 1.5 + 0.5)
+    return model

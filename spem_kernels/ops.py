@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
-from . import backends
+from . import backends, export
 from .backends.contract import (backward_outputs, bn_backward_outputs, bn_forward_outputs,
                                 forward_outputs)
 from .reference import spem_bn_reference, spem_reference
@@ -110,6 +110,8 @@ def spem(x, w1, b1, w2, b2, p, residual=None, *, relu=False, backend="auto"):
     """
     _check(x, (w1, b1, w2, b2), p, residual, relu)
     if torch.compiler.is_compiling():
+        if export.onnx_exporting():  # an ONNX graph holds standard operators only
+            return export.spem(x, w1, b1, w2, b2, p, residual, relu)
         name = _backend_name(backend, x.device)
         if name == "eager":
             return spem_reference(x, w1, b1, w2, b2, p, residual, relu=relu)
@@ -240,6 +242,9 @@ def spem_bn(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p, resid
     args = (y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p, residual)
     options = (training, float(momentum), float(eps), relu)
     if torch.compiler.is_compiling():
+        if export.onnx_exporting():  # an ONNX graph holds standard operators only
+            return export.spem_bn(*args, training=training, momentum=momentum, eps=eps,
+                                  relu=relu)
         name = _backend_name(backend, y.device)
         if name == "eager":
             return spem_bn_reference(*args, training=training, momentum=momentum, eps=eps,
