@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 
-from spem_kernels import spem, train
+from spem_kernels import spem, spem_bn, train
 from spem_kernels.backends import compiled_backends
 from spem_kernels.cuda_graphs import CapturedStep
 from spem_kernels.models import cifar_resnet
@@ -55,6 +55,44 @@ def test_op_forward_backward_replays_like_eager(backend, dtype, memory_format):
         for name, got, want in zip(["out", "x", "w1", "b1", "w2", "b2", "p", "residual"],
                                    captured.outputs, expected):
             assert torch.equal(got, want), name  # the same kernels on the same values
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,memory_format", [
+    (torch.float32, torch.contiguous_format), (torch.bfloat16, torch.channels_last)],
+    ids=["fp32-nchw", "bf16-channels_last"])
+def test_spem_bn_forward_backward_replays_like_eager(backend, dtype, memory_format):
+    """spem_bn in training (statistics, finalisation, the running statistics' update in
+    place, the three backward launches) replays from a graph as eager calls run."""
+    from op_inputs import make_bn_inputs
+
+    kind = "channels_last" if memory_format == torch.channels_last else "contiguous"
+    y, rm, rv, weight, bias, *params, residual = make_bn_inputs((32, 128, 16, 16), dtype, "cuda",
+                                                                kind)
+    grad_out = torch.randn_like(y)
+    leaves = [t.requires_grad_() for t in (y, weight, bias, *params, residual)]
+    stats = [rm.clone(), rv.clone()]
+
+    def step():
+        out = spem_bn(y, *stats, weight, bias, *params, residual, relu=True, backend=backend)
+        return (out, *torch.autograd.grad(out, leaves, grad_out))
+
+    captured = capture(step)  # its warm-up steps update the running statistics too
+    for _ in range(2):
+        with torch.no_grad():
+            for t in (y, residual, grad_out):
+                t.copy_(torch.randn_like(t))
+        before = [s.clone() for s in stats]
+        captured.replay()
+        replayed = [s.clone() for s in stats]
+        for s, b in zip(stats, before):
+            s.copy_(b)
+        expected = step()
+        for name, got, want in zip(["out", "y", "weight", "bias", "w1", "b1", "w2", "b2", "p",
+                                    "residual"], captured.outputs, expected):
+            assert torch.equal(got, want), name
+        for got, want in zip(replayed, stats):
+            assert torch.equal(got, want)
 
 
 def _trainer_step(model, net, autocast, lr=0.05, weight_decay=1e-4):

@@ -9,8 +9,8 @@ the block tail dispatches and fail above the budget.
 import pytest
 import torch
 
-from op_inputs import make_inputs
-from spem_kernels import spem
+from op_inputs import make_bn_inputs, make_inputs
+from spem_kernels import spem, spem_bn
 from spem_kernels.backends import triton_backend, unavailable_reason
 from spem_kernels.cases import block_tail_inputs
 from spem_kernels.timing import dispatched_ops
@@ -43,6 +43,27 @@ def test_native_call_is_one_operation_each_way():
     assert len(fwd) + len(bwd) <= BUDGET, (fwd, bwd)
     assert [op for op in fwd if op not in AUTOGRAD_OPS] == ["spem_native.spem_forward.default"]
     assert [op for op in bwd if op not in AUTOGRAD_OPS] == ["spem_native.spem_backward.default"]
+
+
+@pytest.mark.skipif(unavailable_reason("native", "cpu") is not None,
+                    reason=str(unavailable_reason("native", "cpu")))
+def test_native_spem_bn_is_one_operation_each_way():
+    """spem_bn (BatchNorm inside the op) costs the host what spem does: one kernel op each
+    way; a plain BatchNorm + add + ReLU tail dispatches five forward and two backward."""
+    y, rm, rv, weight, bias, *params, residual = make_bn_inputs((2, 64, 8, 8), torch.float32,
+                                                                "cpu")
+    leaves = [t.requires_grad_() for t in (y, weight, bias, *params, residual)]
+
+    def call():
+        return spem_bn(y, rm, rv, weight, bias, *params, residual, relu=True, backend="native")
+
+    call()  # first call: resolves the backend
+    grad_out = torch.randn_like(y)
+    out, fwd = dispatched_ops(call)
+    grads, bwd = dispatched_ops(lambda: torch.autograd.grad(out, leaves, grad_out))
+    assert len(grads) == len(leaves) and all(g is not None for g in grads)
+    assert [op for op in fwd if op not in AUTOGRAD_OPS] == ["spem_native.spem_bn_forward.default"]
+    assert [op for op in bwd if op not in AUTOGRAD_OPS] == ["spem_native.spem_bn_backward.default"]
 
 
 # Triton's Python launch dispatches nothing, but the backend allocates its outputs from Python:
