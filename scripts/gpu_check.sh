@@ -13,12 +13,13 @@
 # Steps, in order; each gets what is left of the deadline, up to its own cap:
 #   env        device, driver, versions, commit
 #   build      the native CUDA build, in the background (about 40 s on an H200)
-#   triton     meanwhile, the Triton op tests on CUDA tensors (they need no native build)
-#   report     ResNet-164 training steps (plain and fused SPEM, eager and CUDA-graphed, fp32 and
-#              bf16 + channels_last, with activation memory), then the op rows (eager and
-#              fused, from Python and GPU-only): <out>/<gpu>.json and .png
-#   tests      the CUDA tests: native op tests at full shapes, CUDA graphs (op, ResNet-164
-#              step, trainer, reduce-overhead), host cost and direct launches
+#   triton     meanwhile, the Triton op tests (spem, spem_bn) on CUDA tensors (they need no
+#              native build)
+#   report     ResNet-164 training steps (plain, fused SPEM, fused SPEM+BN; eager and
+#              CUDA-graphed; fp32 and bf16 + channels_last; with activation memory), then the
+#              op rows (eager and fused, from Python and GPU-only): <out>/<gpu>.json and .png
+#   tests      the CUDA tests: native op tests (spem, spem_bn) at full shapes, CUDA graphs (ops,
+#              ResNet-164 step, trainer, reduce-overhead), host cost and direct launches
 #   compile    if time is left: op rows with torch.compile(spem_reference) (<gpu>-compile.*)
 #   imagenet   if time is left: op rows at ImageNet ResNet-50 planes (<gpu>-imagenet.*)
 # <out>/summary.txt gets one line per step (exit code, seconds; 124: cut by its time limit).
@@ -92,7 +93,8 @@ PARALLEL=()
 "$PY" -c "import xdist" 2>/dev/null && PARALLEL=(-n 8)  # the GPU image has pytest-xdist
 
 if [ "$DEVICE" = cuda ]; then
-  step triton $((QUICK ? 60 : 120)) "${PYTEST[@]}" "${PARALLEL[@]}" tests/test_op.py -k "triton and cuda"
+  step triton $((QUICK ? 60 : 120)) "${PYTEST[@]}" "${PARALLEL[@]}" tests/test_op.py \
+    tests/test_spem_bn.py -k "triton and cuda"
 else
   echo "triton: skipped, no GPU (a dry run)" | tee -a "$OUT_DIR/summary.txt"
 fi
@@ -105,16 +107,16 @@ FUSED=$("$PY" -c "from spem_kernels.backends import compiled_backends as b; prin
 # The report's own --time-budget ends it with its plot and table 15 s before its step's limit.
 REPORT=("$PY" -m benchmarks.report --out-dir "$OUT_DIR" --min-time 0.05)
 if [ "$QUICK" -eq 1 ]; then
-  step report 110 "${REPORT[@]}" --impls "eager,$FUSED" --model-variants plain,fused \
+  step report 110 "${REPORT[@]}" --impls "eager,$FUSED" --model-variants plain,fused,fused-bn \
     --model-precisions fp32 --model-steps 3 --model-warmup 2 --model-rounds 2 \
     --dtypes float32 --time-budget $(( $(limit_for 110) - 15 ))
 else
-  step report 270 "${REPORT[@]}" --impls "eager,$FUSED" --model-variants plain,fused \
+  step report 270 "${REPORT[@]}" --impls "eager,$FUSED" --model-variants plain,fused,fused-bn \
     --model-steps 5 --model-warmup 3 --model-rounds 3 --time-budget $(( $(limit_for 270) - 15 ))
 fi
 
-step tests 240 "${PYTEST[@]}" "${PARALLEL[@]}" tests/test_op.py tests/test_cuda_graph.py \
-  tests/test_host_cost.py -k "(native and cuda) or cuda_graph or host_cost"
+step tests 240 "${PYTEST[@]}" "${PARALLEL[@]}" tests/test_op.py tests/test_spem_bn.py \
+  tests/test_cuda_graph.py tests/test_host_cost.py -k "(native and cuda) or cuda_graph or host_cost"
 
 step compile 150 "${REPORT[@]}" --no-model --tag compile --impls "compile,$FUSED" \
   --time-budget $(( $(limit_for 150) - 15 ))

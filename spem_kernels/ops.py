@@ -121,7 +121,15 @@ def spem(x, w1, b1, w2, b2, p, residual=None, *, relu=False, backend="auto"):
         return spem_reference(x, w1, b1, w2, b2, p, residual, relu=relu)
     if impl.differentiable is not None:  # autograd wired in the backend itself (native: C++)
         return impl.differentiable(x, w1, b1, w2, b2, p, residual, relu)
+    if not _needs_grad(x, w1, b1, w2, b2, p, residual):
+        return impl.output(x, w1, b1, w2, b2, p, residual, relu)
     return _SpemFunction.apply(x, w1, b1, w2, b2, p, residual, relu, impl)
+
+
+def _needs_grad(*tensors):
+    """Whether autograd would record the call: grad mode on and an input that wants a
+    gradient. Otherwise the op's output alone is computed (no stats, positions or graph)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _backend_name(backend, device):
@@ -260,6 +268,8 @@ def spem_bn(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p, resid
                                  relu=relu)
     if impl.bn_differentiable is not None:
         return impl.bn_differentiable(*args, *options)
+    if not _needs_grad(y, weight, bias, w1, b1, w2, b2, p, residual):
+        return impl.bn_output(*args, *options)
     return _SpemBnFunction.apply(*args, *options, impl)
 
 

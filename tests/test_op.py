@@ -189,6 +189,20 @@ def test_nan_plane_is_nan(case, kind):
         assert rel_err(out[keep], ref[keep]) <= 1e-6
 
 
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last", "sliced"])
+def test_forward_without_backward_gives_the_same_output(case, kind):
+    """Under no_grad (or with nothing that wants a gradient) the op computes its output
+    alone, without the stats and positions a backward reads: bitwise the output of a
+    forward that saves them."""
+    backend, device = case
+    inputs = make_inputs((2, 6, 7, 5), torch.float32, device, kind)
+    saved = spem(*leaves(inputs[:6]), inputs[6], relu=True, backend=backend)
+    with torch.no_grad():
+        alone = spem(*inputs[:6], inputs[6], relu=True, backend=backend)
+    assert torch.equal(alone, saved.detach()) and alone.stride() == saved.stride()
+    assert torch.equal(spem(*inputs[:6], inputs[6], relu=True, backend=backend), alone)
+
+
 def test_backward_is_deterministic(case):
     """No float atomics: two backward runs give bitwise equal gradients."""
     backend, device = case

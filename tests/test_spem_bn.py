@@ -207,6 +207,24 @@ def test_nan(case, kind):
         assert rel_err(out[~out.isnan()], ref[~ref.isnan()]) <= 1e-6
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_forward_without_backward_gives_the_same_output(case, training):
+    """Under no_grad the op computes its output alone (no stats or positions kept), bitwise
+    that of a forward that keeps them, and in training still updates the running
+    statistics, as F.batch_norm does."""
+    backend, device = case
+    y, rm, rv, *rest = make_bn_inputs((3, 6, 7, 5), torch.float32, device, "channels_last")
+    stats, no_grad_stats = [clone(rm), clone(rv)], [clone(rm), clone(rv)]
+    saved = spem_bn(*leaves([y]), *stats, *leaves(rest[:7]), rest[7], training=training,
+                    relu=True, backend=backend)
+    with torch.no_grad():
+        alone = spem_bn(y, *no_grad_stats, *rest, training=training, relu=True,
+                        backend=backend)
+    assert torch.equal(alone, saved.detach())
+    for a, b in zip(no_grad_stats, stats):
+        assert torch.equal(a, b)
+
+
 def test_backward_is_deterministic(case):
     backend, device = case
     shape = (128, 64, 8, 8) if device == "cuda" else (16, 8, 4, 4)

@@ -12,12 +12,17 @@ ops of the family: spem (SPEM with the block tail) and spem_bn (BatchNorm, then 
                                             the whole op with its autograd, where the backend
                                             wires it itself (else ops.py does)
     forward(x, w1, b1, w2, b2, p, residual, relu) -> (out, stats, idx)
+    output(x, w1, b1, w2, b2, p, residual, relu) -> out
+                                            the forward when no backward follows (grad
+                                            mode off, or nothing wants a gradient): only
+                                            the output allocated and written
     backward(grad, x, out, stats, idx, w1, b1, w2, b2, p, relu, write_dres)
         -> (dx, dres, dw1, db1, dw2, db2, dp)
     bn_differentiable(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p,
                       residual, training, momentum, eps, relu) -> out, or None
     bn_forward(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p, residual,
                training, momentum, eps, relu) -> (out, stats, idx, mean, invstd)
+    bn_output(the same arguments) -> out    (as output is forward's)
     bn_backward(grad, y, out, stats, idx, mean, invstd, weight, bias, w1, b1, w2, b2, p,
                 training, relu, write_dres)
         -> (dy, dres, dweight, dbias, dw1, db1, dw2, db2, dp)

@@ -81,6 +81,16 @@ def backward(grad, x, out, stats, idx, w1, b1, w2, b2, p, relu, write_dres):
                                         write_dres)
 
 
+def output(x, w1, b1, w2, b2, p, residual, relu):
+    return forward(x, w1, b1, w2, b2, p, residual, relu)[0]
+
+
+def bn_output(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p, residual,
+              training, momentum, eps, relu):
+    return bn_forward(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p, residual,
+                      training, momentum, eps, relu)[0]
+
+
 def differentiable(x, w1, b1, w2, b2, p, residual, relu):
     return _ops().spem.default(x, w1, b1, w2, b2, p, residual, relu)
 

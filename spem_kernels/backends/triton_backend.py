@@ -87,7 +87,10 @@ def _bn_pointers(bn, dummy):
 
 
 def fwd_launch(x, residual, out, w1, b1, w2, b2, p, stats, idx, relu, bn=None):
-    """(grid, args, meta) of the forward kernel for these tensors; bn: see _bn_meta."""
+    """(grid, args, meta) of the forward kernel for these tensors; bn: see _bn_meta. stats
+    and idx None: the output alone (no backward follows)."""
+    save = stats is not None
+    stats, idx = (stats, idx) if save else (out, out)
     N, C, H, W = x.shape
     block_c, block_hw, one_pass, num_warps = _tiling(x)
     num_c_blocks = triton.cdiv(C, block_c)
@@ -96,7 +99,8 @@ def fwd_launch(x, residual, out, w1, b1, w2, b2, p, stats, idx, relu, bn=None):
             num_c_blocks, *x.stride(), *res.stride(), *out.stride())
     meta = dict(HAS_RES=residual is not None, RELU=relu, ACC=_TL_DTYPE[compute_dtype(x.dtype)],
                 FLAT=_planes_are_flat(x, res, out), WIDE=_wide(x, res, out), ONE_PASS=one_pass,
-                BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps, **_bn_meta(bn))
+                BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps, SAVE=save,
+                **_bn_meta(bn))
     return (N * num_c_blocks,), args, meta
 
 
@@ -256,12 +260,22 @@ differentiable = None  # ops.py wraps forward and backward in its autograd.Funct
 
 def forward(x, w1, b1, w2, b2, p, residual, relu):
     out, stats, idx = forward_outputs(x)
+    _forward(x, w1, b1, w2, b2, p, residual, relu, out, stats, idx)
+    return out, stats, idx
+
+
+def output(x, w1, b1, w2, b2, p, residual, relu):
+    out = torch.empty_like(x)
+    _forward(x, w1, b1, w2, b2, p, residual, relu, out, None, None)
+    return out
+
+
+def _forward(x, w1, b1, w2, b2, p, residual, relu, out, stats, idx):
     if out.numel() > 0:
         grid, args, meta = fwd_launch(x, residual, out, *map(_dense, (w1, b1, w2, b2, p)),
                                       stats, idx, relu)
         with _on_device(x.device):
             _fwd_kernel(grid, args, meta, x.device)
-    return out, stats, idx
 
 
 def partials(x, planes=k.PARTIALS):
@@ -288,8 +302,14 @@ bn_differentiable = None  # ops.py wraps bn_forward and bn_backward in its autog
 
 
 def bn_forward(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p, residual,
-               training, momentum, eps, relu):
-    out, stats, idx, mean, invstd = bn_forward_outputs(y)
+               training, momentum, eps, relu, save=True):
+    """spem_bn's forward; without `save` (no backward follows) the output alone: no stats
+    or positions allocated or stored (None), mean and invstd only as the kernels' scratch."""
+    if save:
+        out, stats, idx, mean, invstd = bn_forward_outputs(y)
+    else:
+        out, stats, idx = torch.empty_like(y), None, None
+        mean, invstd = y.new_empty((2, y.shape[1]), dtype=compute_dtype(y.dtype))
     if out.numel() == 0:
         return out, stats, idx, mean.zero_(), invstd.zero_()
     params = tuple(map(_dense, (w1, b1, w2, b2, p)))
@@ -303,6 +323,12 @@ def bn_forward(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p, re
         _fwd_kernel(*fwd_launch(y, residual, out, *params, stats, idx, relu,
                                 bn=(mean, invstd, weight, bias)), y.device)
     return out, stats, idx, mean, invstd
+
+
+def bn_output(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p, residual,
+              training, momentum, eps, relu):
+    return bn_forward(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p, residual,
+                      training, momentum, eps, relu, save=False)[0]
 
 
 def bn_backward(grad, y, out, stats, idx, mean, invstd, weight, bias, w1, b1, w2, b2, p,

@@ -148,12 +148,13 @@ def _spem_fwd_kernel(
     sx_n, sx_c, sx_h, sx_w, sr_n, sr_c, sr_h, sr_w, so_n, so_c, so_h, so_w,
     HAS_RES: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr, FLAT: tl.constexpr,
     WIDE: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
-    NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE: tl.constexpr,
 ):
     """Per plane y = x[n, c] (with NORM, spem_bn: y = x * alpha + beta, BatchNorm from mean
     and invstd): M = max(y), m = min(y) (first position on ties, NaN if any element is
-    NaN), gate g from SPEM.md, out = relu?(g * y + residual). Saves M, m and their
-    positions; nothing full-size."""
+    NaN), gate g from SPEM.md, out = relu?(g * y + residual). With SAVE, stores M, m and
+    their positions for the backward (nothing full-size); a forward that no backward follows
+    stores the output alone."""
     n, c, hw0 = _program_channels(num_c_blocks, BLOCK_C, BLOCK_HW, WIDE)
     c_ok = c < C
     x_base = x_ptr + n * sx_n + c[:, None] * sx_c
@@ -210,11 +211,12 @@ def _spem_fwd_kernel(
             _tail(y, g, r_base, o_base, hw, W, sr_h, sr_w, so_h, so_w, mask,
                   HAS_RES, RELU, FLAT, ACC)
 
-    row = (n * C + c) * 2
-    tl.store(stats_ptr + row, M, mask=c_ok)
-    tl.store(stats_ptr + row + 1, m, mask=c_ok)
-    tl.store(idx_ptr + row, i_max, mask=c_ok)
-    tl.store(idx_ptr + row + 1, i_min, mask=c_ok)
+    if SAVE:
+        row = (n * C + c) * 2
+        tl.store(stats_ptr + row, M, mask=c_ok)
+        tl.store(stats_ptr + row + 1, m, mask=c_ok)
+        tl.store(idx_ptr + row, i_max, mask=c_ok)
+        tl.store(idx_ptr + row + 1, i_min, mask=c_ok)
 
 
 @triton.jit
