@@ -1,11 +1,15 @@
-// CPU kernels of the spem_native ops (math: spem_math.h and SPEM.md).
+// CPU kernels of the spem_native ops (math: spem_math.h and SPEM.md; SIMD building blocks:
+// spem_cpu_lanes.h).
 //
 // Two walks over the data, picked by x's layout; every tensor is addressed through its own
 // strides, so no input is copied:
-// - plane-major (NCHW and anything else): at::parallel_for over planes (n, c). A plane is walked
-//   row by row (one row of H*W when every tensor's plane is flat), in kLanes independent lanes
-//   that the compiler turns into SIMD; the plane (4 KiB at 32x32 float32) stays in L1 between
-//   the reduction and the write, so memory is read once per direction.
+// - plane-major (NCHW and anything else): at::parallel_for over planes (n, c), kLanes planes
+//   at a time. A plane is walked row by row (one row of H*W when every tensor's plane is
+//   flat) in kLanes lanes; the group's lanes are then folded so that lane j holds plane j's
+//   max and min, the group's gates come out of one vector computation, and each plane is
+//   written. Small planes (8x8: four vectors) thus cost little beyond their loads and stores,
+//   and a group (64 KiB at 32x32 float32) stays in L2 between the reduction and the write, so
+//   memory is read once per direction.
 // - channel-major (channels_last, x.stride(1) == 1): at::parallel_for over (n, block of
 //   channels); the lanes are the channels, contiguous in memory, and the block is sized to stay
 //   in L2 between the two passes.
@@ -21,19 +25,15 @@
 #include <type_traits>
 #include <vector>
 
+#include "spem_cpu_lanes.h"
 #include "spem_math.h"
 #include "spem_op.h"
 
 namespace spem_native {
 namespace {
 
-constexpr int kLanes = 16;                  // one AVX-512 register of float32
 constexpr int64_t kTileElements = 1 << 15;  // per parallel task: 128 KiB of float32
 constexpr int64_t kMaxChannelBlock = 256;
-
-// A position stored with the width of Acc, so one SIMD compare mask selects value and position.
-template <typename Acc>
-using Pos = std::conditional_t<sizeof(Acc) == 8, int64_t, int32_t>;
 
 template <typename T>
 struct View {
@@ -46,6 +46,15 @@ struct View {
   T* plane(int64_t n, int64_t c) const { return data + n * sn + c * sc; }
   T& at(int64_t n, int64_t c, int64_t pos, int64_t W) const {
     return plane(n, c)[(pos / W) * sh + (pos % W) * sw];
+  }
+};
+
+// Plane nc = n * C + c as (n, c), stepped without a division per plane.
+struct PlaneIndex {
+  int64_t n, c;
+  PlaneIndex(int64_t nc, int64_t C) : n(nc / C), c(nc % C) {}
+  void next(int64_t C) {
+    if (++c == C) c = 0, ++n;
   }
 };
 
@@ -75,130 +84,82 @@ bool unit_stride(const std::vector<at::Tensor>& ts, int dim) {
 
 bool channel_major(const at::Tensor& x) { return x.stride(1) == 1 && x.size(1) > 1; }
 
-// kLanes values of Acc as one GCC/Clang vector, and integers of the same width (the mask of a
-// compare). The compiler lowers them to whatever SIMD the target has.
-template <typename Acc>
-struct Lanes;
-template <>
-struct Lanes<float> {
-  typedef float V __attribute__((vector_size(kLanes * sizeof(float))));
-  typedef int32_t I __attribute__((vector_size(kLanes * sizeof(int32_t))));
-};
-template <>
-struct Lanes<double> {
-  typedef double V __attribute__((vector_size(kLanes * sizeof(double))));
-  typedef int64_t I __attribute__((vector_size(kLanes * sizeof(int64_t))));
-};
-
-// kLanes elements at p, p + s, ...: one vector load when they are contiguous Acc values.
-template <typename Acc, bool Unit, typename T>
-typename Lanes<Acc>::V load_lanes(const T* p, int64_t s) {
-  typename Lanes<Acc>::V v;
-  if constexpr (Unit && std::is_same_v<T, Acc>) {
-    std::memcpy(&v, p, sizeof(v));
-  } else {
-    for (int l = 0; l < kLanes; ++l) v[l] = static_cast<Acc>(p[l * (Unit ? 1 : s)]);
-  }
-  return v;
-}
-
-template <typename Acc>
-typename Lanes<Acc>::I lane_iota() {
-  typename Lanes<Acc>::I iota;
-  for (int l = 0; l < kLanes; ++l) iota[l] = l;
-  return iota;
-}
-
-// Per-lane running max/min with first positions; each lane must see increasing positions.
-template <typename Acc>
-struct LaneExtremes {
-  using V = typename Lanes<Acc>::V;
-  using I = typename Lanes<Acc>::I;
-  V max, min;
-  I imax, imin, nan;
-
-  LaneExtremes() : imax{}, imin{}, nan{} {
-    for (int l = 0; l < kLanes; ++l) max[l] = -INFINITY, min[l] = INFINITY;
-  }
-
-  void add(V v, I pos) {
-    const I up = v > max, down = v < min;
-    max = up ? v : max;
-    imax = up ? pos : imax;
-    min = down ? v : min;
-    imin = down ? pos : imin;
-    nan |= v != v;
-  }
-
-  void add_one(int l, Acc v, int64_t pos) {
-    if (v > max[l]) max[l] = v, imax[l] = pos;
-    if (v < min[l]) min[l] = v, imin[l] = pos;
-    if (v != v) nan[l] = 1;
-  }
-
-  template <bool Unit, typename T>
-  void add_row(const T* y, int64_t stride, int64_t len, int64_t pos0) {
-    const int64_t s = Unit ? 1 : stride;
-    const I iota = lane_iota<Acc>();
-    int64_t i = 0;
-    for (; i + kLanes <= len; i += kLanes)
-      add(load_lanes<Acc, Unit>(y + i * s, s), iota + static_cast<Pos<Acc>>(pos0 + i));
-    for (; i < len; ++i) add_one(i % kLanes, static_cast<Acc>(y[i * s]), pos0 + i);
-  }
-
-  Extremes<Acc> lane(int l) const {
-    return {max[l], min[l], static_cast<int32_t>(imax[l]), static_cast<int32_t>(imin[l]),
-            static_cast<int32_t>(nan[l] != 0)};
-  }
-
-  // Lane-wise, without branches (a plane of 8x8 is only four vectors: the reduction must be
-  // cheap): the extreme values first, then the smallest position among the lanes that hold
-  // them. Each lane's position is its first occurrence, so that minimum is the plane's first.
-  Extremes<Acc> reduce() const {
-    Acc M = max[0], m = min[0];
-    int32_t any_nan = 0;
-    for (int l = 1; l < kLanes; ++l) {
-      M = max[l] > M ? max[l] : M;
-      m = min[l] < m ? min[l] : m;
-    }
-    int32_t i_max = INT32_MAX, i_min = INT32_MAX;
-    for (int l = 0; l < kLanes; ++l) {
-      const int32_t pmax = static_cast<int32_t>(imax[l]), pmin = static_cast<int32_t>(imin[l]);
-      i_max = max[l] == M && pmax < i_max ? pmax : i_max;
-      i_min = min[l] == m && pmin < i_min ? pmin : i_min;
-      any_nan |= nan[l] != 0;
-    }
-    return {M, m, i_max, i_min, any_nan};
-  }
-};
-
 template <typename Acc>
 struct Params {
   const Acc *w1, *b1, *w2, *b2, *p;
   ChannelParams<Acc> channel(int64_t c) const { return load_params(w1, b1, w2, b2, p, c); }
+
+  // The parameters of kLanes consecutive planes nc0, nc0 + 1, ...: lane j has those of
+  // channel (nc0 + j) % C.
+  ChannelParams<Vec<Acc>> lanes(int64_t nc0, int64_t C) const {
+    const ChannelParams<Acc> shared = channel(0);  // q0, q1 are every channel's
+    ChannelParams<Vec<Acc>> v;
+    v.q0 = Vec<Acc>{} + shared.q0;
+    v.q1 = Vec<Acc>{} + shared.q1;
+    for (int64_t j = 0, c = nc0 % C; j < kLanes; ++j, c = c + 1 == C ? 0 : c + 1)
+      v.w1[j] = w1[c], v.b1[j] = b1[c], v.w2[j] = w2[c], v.b2[j] = b2[c];
+    return v;
+  }
 };
 
-// Stores a plane's stats and returns its gate.
+// The gate g = sigmoid(A + B) sigmoid(Z) of every lane. spem_exp has a vector form in float32;
+// float64 (gradchecks) goes lane by lane.
 template <typename Acc>
-Acc finish_plane(const Extremes<Acc>& e, const Params<Acc>& prm, int64_t c, Acc* stats,
-                 int32_t* idx) {
-  const Acc M = e.nan ? Acc(NAN) : e.max, m = e.nan ? Acc(NAN) : e.min;
-  stats[0] = M, stats[1] = m;
-  idx[0] = e.imax, idx[1] = e.imin;
-  const Gate<Acc> t = plane_gate(M, m, prm.channel(c));
-  return t.s1 * t.s2;
+Vec<Acc> gate_lanes(const Vec<Acc>& M, const Vec<Acc>& m, const ChannelParams<Vec<Acc>>& c) {
+  Vec<Acc> g;
+  if constexpr (std::is_same_v<Acc, float>) {
+    const Gate<Vec<Acc>> t = plane_gate(M, m, c);
+    g = t.s1 * t.s2;
+  } else {
+    for (int j = 0; j < kLanes; ++j) {
+      const Gate<Acc> t = plane_gate(M[j], m[j], {c.w1[j], c.b1[j], c.w2[j], c.b2[j], c.q0[j],
+                                                  c.q1[j]});
+      g[j] = t.s1 * t.s2;
+    }
+  }
+  return g;
+}
+
+// The gates of kLanes consecutive planes nc0, nc0 + 1, ... from their extremes (lane j: plane
+// nc0 + j), storing the stats and positions of the first `count` (other lanes are padding).
+// Both walks get every gate from here: a plane's gate does not depend on the walk or group.
+template <typename Acc>
+Vec<Acc> finish_planes(const LaneExtremes<Acc>& e, const Params<Acc>& prm, int64_t nc0,
+                       int count, int64_t C, Acc* stats, int32_t* idx) {
+  const Vec<Acc> nan = Vec<Acc>{} + Acc(NAN);
+  const Vec<Acc> M = e.nan != 0 ? nan : e.max, m = e.nan != 0 ? nan : e.min;
+  for (int j = 0; j < count; ++j) {
+    const int64_t nc = nc0 + j;
+    stats[2 * nc] = M[j], stats[2 * nc + 1] = m[j];
+    idx[2 * nc] = static_cast<int32_t>(e.imax[j]), idx[2 * nc + 1] = static_cast<int32_t>(e.imin[j]);
+  }
+  return gate_lanes<Acc>(M, m, prm.lanes(nc0, C));
+}
+
+// relu?(gy + residual), for a value or a vector.
+template <bool HasRes, bool Relu, typename V>
+V block_tail(V gy, V residual) {
+  V v = gy;
+  if (HasRes) v += residual;
+  if (Relu) v = relu(v);
+  return v;
 }
 
 // out = relu?(g * y + residual) over one row.
 template <bool Unit, bool HasRes, bool Relu, typename T, typename Acc>
 void write_out_row(const T* y, int64_t sy, const T* r, int64_t sr, T* o, int64_t so,
                    int64_t len, Acc g) {
+  using V = Vec<Acc>;
   if (Unit) sy = sr = so = 1;
-  for (int64_t i = 0; i < len; ++i) {
-    Acc v = g * static_cast<Acc>(y[i * sy]);
-    if (HasRes) v += static_cast<Acc>(r[i * sr]);
-    if (Relu) v = v < 0 ? Acc(0) : v;  // keeps NaN, as torch.relu does
-    o[i * so] = static_cast<T>(v);
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes) {
+    const V res = HasRes ? load<Acc, Unit>(r + i * sr, sr) : V{};
+    store<Unit>(o + i * so, so,
+                block_tail<HasRes, Relu>(g * load<Acc, Unit>(y + i * sy, sy), res));
+  }
+  for (; i < len; ++i) {
+    const Acc res = HasRes ? static_cast<Acc>(r[i * sr]) : Acc(0);
+    o[i * so] = static_cast<T>(block_tail<HasRes, Relu>(g * static_cast<Acc>(y[i * sy]), res));
   }
 }
 
@@ -209,33 +170,46 @@ void forward_plane_major(const at::Tensor& x_t, const at::Tensor& r_t, const at:
   const Rows walk = plane_rows({x_t, r_t, o_t});
   const View<const T> x(x_t), r(r_t);
   const View<T> o(o_t);
-  const int64_t grain = std::max<int64_t>(1, kTileElements / HW);
+  const int64_t grain = std::max<int64_t>(kLanes, kTileElements / HW);
   at::parallel_for(0, x_t.size(0) * C, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t nc = begin; nc < end; ++nc) {
-      const int64_t n = nc / C, c = nc % C;
-      const T *xp = x.plane(n, c), *rp = r.plane(n, c);
-      T* op = o.plane(n, c);
-      LaneExtremes<Acc> lanes;
-      for (int64_t row = 0; row < walk.rows; ++row)
-        lanes.template add_row<Unit>(xp + row * x.sh, x.sw, walk.len, row * walk.len);
-      const Acc g = finish_plane(lanes.reduce(), prm, c, stats + 2 * nc, idx + 2 * nc);
-      for (int64_t row = 0; row < walk.rows; ++row)
-        write_out_row<Unit, HasRes, Relu>(xp + row * x.sh, x.sw, rp + row * r.sh, r.sw,
-                                          op + row * o.sh, o.sw, walk.len, g);
+    LaneExtremes<Acc> planes[kLanes];
+    Acc gate[kLanes];
+    for (int64_t nc0 = begin; nc0 < end; nc0 += kLanes) {
+      const int count = static_cast<int>(std::min<int64_t>(kLanes, end - nc0));
+      PlaneIndex at(nc0, C);
+      for (int j = 0; j < kLanes; ++j, at.next(C)) {
+        LaneExtremes<Acc> e;
+        const T* xp = x.plane(at.n, at.c);
+        for (int64_t row = 0; j < count && row < walk.rows; ++row)
+          e.template add_row<Unit>(xp + row * x.sh, x.sw, walk.len, row * walk.len);
+        planes[j] = e;
+      }
+      const Vec<Acc> g =
+          finish_planes(LaneExtremes<Acc>::fold(planes), prm, nc0, count, C, stats, idx);
+      std::memcpy(gate, &g, sizeof(gate));
+      at = PlaneIndex(nc0, C);
+      for (int j = 0; j < count; ++j, at.next(C)) {
+        const T *xp = x.plane(at.n, at.c), *rp = r.plane(at.n, at.c);
+        T* op = o.plane(at.n, at.c);
+        for (int64_t row = 0; row < walk.rows; ++row)
+          write_out_row<Unit, HasRes, Relu>(xp + row * x.sh, x.sw, rp + row * r.sh, r.sw,
+                                            op + row * o.sh, o.sw, walk.len, gate[j]);
+      }
     }
   });
 }
 
 // Channels per task in the channel-major walk: a tile of H*W*block elements.
 int64_t channel_block(int64_t C, int64_t HW) {
-  const int64_t block = std::clamp<int64_t>(kTileElements / HW / kLanes * kLanes, kLanes,
-                                            kMaxChannelBlock);
+  const int64_t block = std::clamp<int64_t>(kTileElements / HW / kLanes * kLanes,
+                                            kChains * kLanes, kMaxChannelBlock);
   return std::min(C, block);
 }
 
 template <typename T, typename Acc, bool Unit, bool HasRes, bool Relu>
 void forward_channel_major(const at::Tensor& x_t, const at::Tensor& r_t, const at::Tensor& o_t,
                            Acc* stats, int32_t* idx, const Params<Acc>& prm) {
+  using V = Vec<Acc>;
   const int64_t N = x_t.size(0), C = x_t.size(1), H = x_t.size(2), W = x_t.size(3);
   const int64_t block = channel_block(C, H * W), blocks = (C + block - 1) / block;
   const View<const T> x(x_t), r(r_t);
@@ -243,39 +217,55 @@ void forward_channel_major(const at::Tensor& x_t, const at::Tensor& r_t, const a
   at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
     // Channel j of the block is lane j % kLanes of group j / kLanes.
     LaneExtremes<Acc> groups[kMaxChannelBlock / kLanes];
-    Acc gate[kMaxChannelBlock];
+    V gate[kMaxChannelBlock / kLanes];
     const int64_t sxc = Unit ? 1 : x.sc, src = Unit ? 1 : r.sc, soc = Unit ? 1 : o.sc;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / blocks, c0 = task % blocks * block;
       const int64_t cb = std::min(block, C - c0), full = cb / kLanes;
-      std::fill_n(groups, (cb + kLanes - 1) / kLanes, LaneExtremes<Acc>());
+      const int64_t used = (cb + kLanes - 1) / kLanes;
       const T *xp = x.plane(n, c0), *rp = r.plane(n, c0);
       T* op = o.plane(n, c0);
-      for (int64_t h = 0; h < H; ++h)
-        for (int64_t w = 0; w < W; ++w) {
-          const T* y = xp + h * x.sh + w * x.sw;
-          const Pos<Acc> pos = h * W + w;
-          const typename Lanes<Acc>::I positions = typename Lanes<Acc>::I{} + pos;
-          for (int64_t k = 0; k < full; ++k)
-            groups[k].add(load_lanes<Acc, Unit>(y + k * kLanes * sxc, sxc), positions);
-          for (int64_t j = full * kLanes; j < cb; ++j)
-            groups[full].add_one(j % kLanes, static_cast<Acc>(y[j * sxc]), pos);
-        }
-      for (int64_t j = 0; j < cb; ++j) {
-        const int64_t nc = n * C + c0 + j;
-        gate[j] = finish_plane(groups[j / kLanes].lane(j % kLanes), prm, c0 + j, stats + 2 * nc,
-                               idx + 2 * nc);
+      // kChains groups at a time over every position, their extremes in registers.
+      for (int64_t k0 = 0; k0 < full; k0 += kChains) {
+        LaneExtremes<Acc> e[kChains];
+        const int64_t kn = std::min<int64_t>(kChains, full - k0);
+        for (int64_t h = 0; h < H; ++h)
+          for (int64_t w = 0; w < W; ++w) {
+            const T* y = xp + h * x.sh + w * x.sw + k0 * kLanes * sxc;
+            const IVec<Acc> positions = IVec<Acc>{} + static_cast<Pos<Acc>>(h * W + w);
+            for (int k = 0; k < kChains; ++k)
+              if (k < kn) e[k].add(load<Acc, Unit>(y + k * kLanes * sxc, sxc), positions);
+          }
+        std::copy(e, e + kn, groups + k0);
       }
+      if (full < used) {  // the last few channels, fewer than kLanes, one by one
+        groups[full] = LaneExtremes<Acc>();
+        for (int64_t h = 0; h < H; ++h)
+          for (int64_t w = 0; w < W; ++w) {
+            const T* y = xp + h * x.sh + w * x.sw;
+            for (int64_t j = full * kLanes; j < cb; ++j)
+              groups[full].add_one(j % kLanes, static_cast<Acc>(y[j * sxc]), h * W + w);
+          }
+      }
+      for (int64_t k = 0; k < used; ++k)
+        gate[k] = finish_planes(groups[k], prm, n * C + c0 + k * kLanes,
+                                static_cast<int>(std::min<int64_t>(kLanes, cb - k * kLanes)), C,
+                                stats, idx);
       for (int64_t h = 0; h < H; ++h)
         for (int64_t w = 0; w < W; ++w) {
           const T* y = xp + h * x.sh + w * x.sw;
           const T* res = rp + h * r.sh + w * r.sw;
           T* out = op + h * o.sh + w * o.sw;
-          for (int64_t j = 0; j < cb; ++j) {
-            Acc v = gate[j] * static_cast<Acc>(y[j * sxc]);
-            if (HasRes) v += static_cast<Acc>(res[j * src]);
-            if (Relu) v = v < 0 ? Acc(0) : v;
-            out[j * soc] = static_cast<T>(v);
+          for (int64_t k = 0; k < full; ++k) {
+            const int64_t j = k * kLanes;
+            const V rv = HasRes ? load<Acc, Unit>(res + j * src, src) : V{};
+            store<Unit>(out + j * soc, soc,
+                        block_tail<HasRes, Relu>(gate[k] * load<Acc, Unit>(y + j * sxc, sxc), rv));
+          }
+          for (int64_t j = full * kLanes; j < cb; ++j) {
+            const Acc rv = HasRes ? static_cast<Acc>(res[j * src]) : Acc(0);
+            const Acc gy = gate[full][j % kLanes] * static_cast<Acc>(y[j * sxc]);
+            out[j * soc] = static_cast<T>(block_tail<HasRes, Relu>(gy, rv));
           }
         }
     }
@@ -287,15 +277,15 @@ void forward_channel_major(const at::Tensor& x_t, const at::Tensor& r_t, const a
 // S += G * y over one row, in kLanes partial sums.
 template <bool Unit, bool Relu, typename T, typename Acc>
 void dot_row(const T* grad, int64_t sg, const T* out, int64_t so, const T* y, int64_t sy,
-             int64_t len, typename Lanes<Acc>::V& sums) {
-  using V = typename Lanes<Acc>::V;
+             int64_t len, Vec<Acc>& sums) {
+  using V = Vec<Acc>;
   if (Unit) sg = so = sy = 1;
   const V zero = V{};
   int64_t i = 0;
   for (; i + kLanes <= len; i += kLanes) {
-    V G = load_lanes<Acc, Unit>(grad + i * sg, sg);
-    if (Relu) G = load_lanes<Acc, Unit>(out + i * so, so) > zero ? G : zero;
-    sums += G * load_lanes<Acc, Unit>(y + i * sy, sy);
+    V G = load<Acc, Unit>(grad + i * sg, sg);
+    if (Relu) G = load<Acc, Unit>(out + i * so, so) > zero ? G : zero;
+    sums += G * load<Acc, Unit>(y + i * sy, sy);
   }
   for (; i < len; ++i) {
     const Acc G = static_cast<Acc>(grad[i * sg]);
@@ -361,7 +351,7 @@ struct PlaneBackward {
 };
 
 template <typename Acc>
-Acc sum_lanes(const typename Lanes<Acc>::V& sums) {
+Acc sum_lanes(const Vec<Acc>& sums) {
   Acc s = 0;
   for (int l = 0; l < kLanes; ++l) s += sums[l];
   return s;
@@ -379,7 +369,7 @@ void backward_plane_major(const BackwardViews<T>& v, const std::vector<at::Tenso
       const int64_t n = nc / C, c = nc % C;
       const T *gp = v.grad.plane(n, c), *xp = v.x.plane(n, c), *op = v.out.plane(n, c);
       T *dp = v.dx.plane(n, c), *drp = v.dres.plane(n, c);
-      typename Lanes<Acc>::V sums = {};
+      Vec<Acc> sums = {};
       for (int64_t row = 0; row < walk.rows; ++row)
         dot_row<Unit, Relu, T, Acc>(gp + row * v.grad.sh, v.grad.sw, op + row * v.out.sh, v.out.sw,
                             xp + row * v.x.sh, v.x.sw, walk.len, sums);

@@ -19,6 +19,8 @@
 #include <math.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #ifdef __CUDACC__
 #define SPEM_HD __host__ __device__ __forceinline__
 #else
@@ -29,12 +31,53 @@ namespace spem_native {
 
 constexpr int kPartials = 5;  // per (n, c): dw1, db1, dw2, db2, dq0 - dq1 before the sums
 
+#ifdef __CUDACC__
 SPEM_HD float spem_exp(float v) { return expf(v); }
+#else
+template <typename To, typename From>
+inline To bit_as(const From& from) {
+  static_assert(sizeof(To) == sizeof(From), "bit_as keeps the size");
+  To to;
+  __builtin_memcpy(&to, &from, sizeof(to));
+  return to;
+}
+
+// e^x in float32 on the CPU, one definition for a float and for a GCC/Clang vector of floats
+// (F; its compare gives the integers of the same width): the CPU kernels compute the gates of
+// many planes at once in vectors and the backward's one plane at a time, and both must give
+// the same number. Cody-Waite reduction e^x = 2^n e^r with |r| <= ln2 / 2 and Cephes' expf
+// polynomial for e^r, within 1 ulp of expf; 2^n is applied in two factors so that overflow
+// (inf), the subnormals and underflow (0) come out right. NaN stays NaN.
+template <typename F>
+inline F spem_exp(F in) {
+  using I = std::conditional_t<std::is_same<F, float>::value, int32_t, decltype(F{} < F{})>;
+  const F zero = F{};
+  const auto nan = in != in;  // a NaN goes through as 0 (no shift of garbage bits), comes out
+  F x = nan ? zero : in;
+  x = x > zero + 89.0f ? zero + 89.0f : x;
+  x = x < zero - 104.0f ? zero - 104.0f : x;
+  const F shift = zero + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer, n
+  const F t = x * 1.44269504088896341f + shift;
+  const F n = t - shift;
+  const F r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  F e = zero + 1.9875691500e-4f;
+  e = e * r + 1.3981999507e-3f;
+  e = e * r + 8.3334519073e-3f;
+  e = e * r + 4.1665795894e-2f;
+  e = e * r + 1.6666665459e-1f;
+  e = e * r + 5.0000001201e-1f;
+  e = e * r * r + r + 1.0f;
+  const I n_int = bit_as<I>(t) - bit_as<int32_t>(12582912.0f), half = n_int >> 1;
+  const F out = e * bit_as<F>((half + 127) << 23) * bit_as<F>((n_int - half + 127) << 23);
+  return nan ? in : out;
+}
+#endif
 SPEM_HD double spem_exp(double v) { return exp(v); }
 
+// For a scalar or (CPU) a vector of lanes: the constants broadcast.
 template <typename Acc>
 SPEM_HD Acc sigmoid(Acc v) {
-  return Acc(1) / (Acc(1) + spem_exp(-v));
+  return 1 / (1 + spem_exp(-v));
 }
 
 // One channel's parameters in the compute dtype; q0, q1 come from the shared pair p.

@@ -1,0 +1,240 @@
+// The SIMD building blocks of the CPU kernels (spem_cpu.cpp), in one place so that every CPU
+// kernel loads, reduces and stores planes with the same pieces:
+// - Vec<Acc>: kLanes values of the compute type as one GCC/Clang vector (IVec: the integers of
+//   the same width, what a compare gives). The compiler lowers them to the target's SIMD:
+//   AVX-512 registers with -march=native on this CPU, pairs of AVX2 registers in a portable
+//   x86-64-v3 build. No intrinsics.
+// - load / store: kLanes elements of the stored type <-> a vector of the compute type, converted
+//   in registers. bfloat16 is the high half of a float32: a 16-bit shift one way, and the other
+//   round-to-nearest-even in integer arithmetic, exactly as c10::BFloat16 rounds.
+// - LaneExtremes: per-lane running max and min with their first positions; `fold` turns the
+//   lanes of kLanes planes into one vector whose lane j is plane j's, so that the per-plane
+//   math that follows (the gate) runs on vectors too.
+// Results never depend on how planes are grouped: every lane computes on its own, and ties are
+// settled by position, not by the order of merging.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+
+#include "spem_math.h"
+
+// A vector argument wider than the target's registers (x86-64-v3 builds) only draws a note
+// about the calling convention; these functions are inlined into one library.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace spem_native {
+
+constexpr int kLanes = 16;  // one AVX-512 register of float32
+// How many LaneExtremes (5 vectors each) a walk keeps in registers at once: 4 take 20 of
+// AVX-512's 32 registers; AVX2 has 16 registers of half the width.
+#ifdef __AVX512F__
+constexpr int kChains = 4;
+#else
+constexpr int kChains = 1;
+#endif
+
+template <typename Acc>
+struct Lanes;
+template <>
+struct Lanes<float> {
+  typedef float V __attribute__((vector_size(kLanes * sizeof(float))));
+  typedef int32_t I __attribute__((vector_size(kLanes * sizeof(int32_t))));
+};
+template <>
+struct Lanes<double> {
+  typedef double V __attribute__((vector_size(kLanes * sizeof(double))));
+  typedef int64_t I __attribute__((vector_size(kLanes * sizeof(int64_t))));
+};
+template <typename Acc>
+using Vec = typename Lanes<Acc>::V;
+template <typename Acc>
+using IVec = typename Lanes<Acc>::I;
+
+// A position stored with the width of Acc, so one SIMD compare mask selects value and position.
+template <typename Acc>
+using Pos = std::conditional_t<sizeof(Acc) == 8, int64_t, int32_t>;
+
+typedef uint16_t Bits16 __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+typedef uint32_t Bits32 __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+typedef uint16_t Halves __attribute__((vector_size(kLanes * sizeof(uint32_t))));  // of Bits32
+
+// kLanes elements at p, p + s, ... (Unit: s = 1) as the compute type.
+template <typename Acc, bool Unit, typename T>
+Vec<Acc> load(const T* p, int64_t s) {
+  Vec<Acc> v;
+  if constexpr (Unit && std::is_same_v<T, Acc>) {
+    std::memcpy(&v, p, sizeof(v));
+  } else if constexpr (Unit && std::is_same_v<T, c10::BFloat16>) {
+    // Each bfloat16 becomes the high half of a 32-bit lane whose low half is 0: one shuffle.
+    // (__builtin_convertvector and a shift give the same, in five instructions with GCC 12.)
+    Bits16 h;
+    std::memcpy(&h, p, sizeof(h));
+    v = bit_as<Vec<Acc>>(__builtin_shufflevector(Bits16{}, h, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5,
+                                                 21, 6, 22, 7, 23, 8, 24, 9, 25, 10, 26, 11, 27,
+                                                 12, 28, 13, 29, 14, 30, 15, 31));
+  } else {
+    for (int l = 0; l < kLanes; ++l) v[l] = static_cast<Acc>(p[l * (Unit ? 1 : s)]);
+  }
+  return v;
+}
+
+// v rounded to T, stored at p, p + s, ... (Unit: s = 1).
+template <bool Unit, typename T, typename V>
+void store(T* p, int64_t s, V v) {
+  using Acc = std::remove_cv_t<std::remove_reference_t<decltype(v[0])>>;
+  if constexpr (Unit && std::is_same_v<T, Acc>) {
+    std::memcpy(p, &v, sizeof(v));
+  } else if constexpr (Unit && std::is_same_v<T, c10::BFloat16>) {
+    // c10::detail::round_to_nearest_even, lane-wise: NaN becomes the quiet NaN 0x7FC0. The
+    // result is the high half of each rounded lane: one shuffle keeps those.
+    const Bits32 u = bit_as<Bits32>(v);
+    const Bits32 rounded = v != v ? Bits32{} + 0x7FC00000 : u + ((u >> 16) & 1) + 0x7FFF;
+    const Halves halves = bit_as<Halves>(rounded);
+    const Bits16 h = __builtin_shufflevector(halves, halves, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19,
+                                             21, 23, 25, 27, 29, 31);
+    std::memcpy(p, &h, sizeof(h));
+  } else {
+    for (int l = 0; l < kLanes; ++l) p[l * (Unit ? 1 : s)] = static_cast<T>(v[l]);
+  }
+}
+
+template <typename Acc>
+IVec<Acc> lane_iota() {
+  IVec<Acc> iota;
+  for (int l = 0; l < kLanes; ++l) iota[l] = l;
+  return iota;
+}
+
+// How a kernel sees an element of x: its value in the compute type, from the stored one. For
+// SPEM the identity; a kernel that normalises x first (y = x * alpha[c] + beta[c]) passes its
+// own map, applied to vectors and to single values alike.
+struct Identity {
+  template <typename V>
+  V operator()(V v) const {
+    return v;
+  }
+};
+
+// Lane indices of one fold round (see LaneExtremes::fold): output lane l takes, from the first
+// input for l < kLanes / 2 and the second otherwise, the k-th lane (k = l % (kLanes / 2)) of the
+// lower (upper: `hi`) h lanes of each run of 2h.
+constexpr int fold_lane(int l, int h, bool hi) {
+  const int k = l % (kLanes / 2);
+  return (l < kLanes / 2 ? 0 : kLanes) + k / h * 2 * h + k % h + (hi ? h : 0);
+}
+
+template <int H, bool Hi, typename V, int... L>
+V fold_pick(V a, V b, std::integer_sequence<int, L...>) {
+  return __builtin_shufflevector(a, b, fold_lane(L, H, Hi)...);
+}
+
+// Per-lane running max/min with first positions; each lane must see increasing positions.
+template <typename Acc>
+struct LaneExtremes {
+  using V = Vec<Acc>;
+  using I = IVec<Acc>;
+  V max, min;
+  I imax, imin, nan;
+
+  LaneExtremes() : imax{}, imin{}, nan{} {
+    for (int l = 0; l < kLanes; ++l) max[l] = -INFINITY, min[l] = INFINITY;
+  }
+
+  void add(V v, I pos) {
+    const I up = v > max, down = v < min;
+    max = up ? v : max;
+    imax = up ? pos : imax;
+    min = down ? v : min;
+    imin = down ? pos : imin;
+    nan |= v != v;
+  }
+
+  void add_one(int l, Acc v, int64_t pos) {
+    if (v > max[l]) max[l] = v, imax[l] = pos;
+    if (v < min[l]) min[l] = v, imin[l] = pos;
+    if (v != v) nan[l] = 1;
+  }
+
+  // f(y[0]), f(y[s]), ..., f(y[(len - 1) s]) at positions pos0, pos0 + 1, ...: element i goes
+  // to lane i % kLanes.
+  template <bool Unit, typename T, typename F = Identity>
+  void add_row(const T* y, int64_t stride, int64_t len, int64_t pos0, F f = {}) {
+    const int64_t s = Unit ? 1 : stride;
+    const I iota = lane_iota<Acc>();
+    int64_t i = 0;
+    for (; i + kLanes <= len; i += kLanes)
+      add(f(load<Acc, Unit>(y + i * s, s)), iota + static_cast<Pos<Acc>>(pos0 + i));
+    for (; i < len; ++i) add_one(i % kLanes, f(static_cast<Acc>(y[i * s])), pos0 + i);
+  }
+
+  // Lane-wise merge with `o`, whose lanes hold the same planes: the extreme value, and of equal
+  // ones the smaller position (so the order of merging does not matter).
+  void merge(const LaneExtremes& o) {
+    const I up = (o.max > max) | ((o.max == max) & (o.imax < imax));
+    const I down = (o.min < min) | ((o.min == min) & (o.imin < imin));
+    max = up ? o.max : max;
+    imax = up ? o.imax : imax;
+    min = down ? o.min : min;
+    imin = down ? o.imin : imin;
+    nan |= o.nan;
+  }
+
+  // planes[j] reduced over its lanes into lane j, for all kLanes planes at once (planes is
+  // overwritten): log2(kLanes) rounds, round h merging the lower and upper h lanes of each run
+  // of 2h in two inputs, which halves both the vectors and the lanes each plane spans. A
+  // plane of 8x8 float32 is four vectors: this costs each about one merge, where reducing one
+  // plane's lanes alone would cost it four.
+  static LaneExtremes fold(LaneExtremes* planes) {
+    static_assert(kLanes == 16, "fold's rounds are written for 16 lanes");
+    fold_round<8>(planes);
+    fold_round<4>(planes);
+    fold_round<2>(planes);
+    fold_round<1>(planes);
+    return planes[0];
+  }
+
+ private:
+  template <int H>
+  static void fold_round(LaneExtremes* p) {  // 2H vectors in, H out
+    constexpr auto lanes = std::make_integer_sequence<int, kLanes>{};
+    for (int k = 0; k < H; ++k) {
+      const LaneExtremes &a = p[2 * k], &b = p[2 * k + 1];
+      LaneExtremes lo = a, hi = a;
+      lo.max = fold_pick<H, false>(a.max, b.max, lanes);
+      lo.min = fold_pick<H, false>(a.min, b.min, lanes);
+      lo.imax = fold_pick<H, false>(a.imax, b.imax, lanes);
+      lo.imin = fold_pick<H, false>(a.imin, b.imin, lanes);
+      lo.nan = fold_pick<H, false>(a.nan, b.nan, lanes);
+      hi.max = fold_pick<H, true>(a.max, b.max, lanes);
+      hi.min = fold_pick<H, true>(a.min, b.min, lanes);
+      hi.imax = fold_pick<H, true>(a.imax, b.imax, lanes);
+      hi.imin = fold_pick<H, true>(a.imin, b.imin, lanes);
+      hi.nan = fold_pick<H, true>(a.nan, b.nan, lanes);
+      lo.merge(hi);
+      p[k] = lo;
+    }
+  }
+};
+
+// The sum of a vector's lanes, in lane order.
+template <typename Acc>
+Acc sum_lanes(const Vec<Acc>& sums) {
+  Acc s = 0;
+  for (int l = 0; l < kLanes; ++l) s += sums[l];
+  return s;
+}
+
+// x -> max(x, 0) for a value or a vector; NaN stays NaN, as torch.relu keeps it.
+template <typename V>
+V relu(V v) {
+  const V zero{};
+  return v < zero ? zero : v;
+}
+
+}  // namespace spem_native
