@@ -121,14 +121,15 @@ Vec<Acc> gate_lanes(const Vec<Acc>& M, const Vec<Acc>& m, const ChannelParams<Ve
 }
 
 // The gates of kLanes consecutive planes nc0, nc0 + 1, ... from their extremes (lane j: plane
-// nc0 + j), storing the stats and positions of the first `count` (other lanes are padding).
+// nc0 + j), storing (Track) the stats and positions of the first `count` (the other lanes are
+// padding).
 // Both walks get every gate from here: a plane's gate does not depend on the walk or group.
-template <typename Acc>
-Vec<Acc> finish_planes(const LaneExtremes<Acc>& e, const Params<Acc>& prm, int64_t nc0,
+template <typename Acc, bool Track>
+Vec<Acc> finish_planes(const LaneExtremes<Acc, Track>& e, const Params<Acc>& prm, int64_t nc0,
                        int count, int64_t C, Acc* stats, int32_t* idx) {
   const Vec<Acc> nan = Vec<Acc>{} + Acc(NAN);
   const Vec<Acc> M = e.nan != 0 ? nan : e.max, m = e.nan != 0 ? nan : e.min;
-  for (int j = 0; j < count; ++j) {
+  for (int j = 0; Track && j < count; ++j) {
     const int64_t nc = nc0 + j;
     stats[2 * nc] = M[j], stats[2 * nc + 1] = m[j];
     idx[2 * nc] = static_cast<int32_t>(e.imax[j]), idx[2 * nc + 1] = static_cast<int32_t>(e.imin[j]);
@@ -163,7 +164,9 @@ void write_out_row(const T* y, int64_t sy, const T* r, int64_t sr, T* o, int64_t
   }
 }
 
-template <typename T, typename Acc, bool Unit, bool HasRes, bool Relu>
+// Track: the forward of a call that a backward may follow, which stores each plane's stats and
+// positions; without, only the output is written.
+template <typename T, typename Acc, bool Unit, bool HasRes, bool Relu, bool Track>
 void forward_plane_major(const at::Tensor& x_t, const at::Tensor& r_t, const at::Tensor& o_t,
                          Acc* stats, int32_t* idx, const Params<Acc>& prm) {
   const int64_t C = x_t.size(1), HW = x_t.size(2) * x_t.size(3);
@@ -172,20 +175,20 @@ void forward_plane_major(const at::Tensor& x_t, const at::Tensor& r_t, const at:
   const View<T> o(o_t);
   const int64_t grain = std::max<int64_t>(kLanes, kTileElements / HW);
   at::parallel_for(0, x_t.size(0) * C, grain, [&](int64_t begin, int64_t end) {
-    LaneExtremes<Acc> planes[kLanes];
+    LaneExtremes<Acc, Track> planes[kLanes];
     Acc gate[kLanes];
     for (int64_t nc0 = begin; nc0 < end; nc0 += kLanes) {
       const int count = static_cast<int>(std::min<int64_t>(kLanes, end - nc0));
       PlaneIndex at(nc0, C);
       for (int j = 0; j < kLanes; ++j, at.next(C)) {
-        LaneExtremes<Acc> e;
+        LaneExtremes<Acc, Track> e;
         const T* xp = x.plane(at.n, at.c);
         for (int64_t row = 0; j < count && row < walk.rows; ++row)
           e.template add_row<Unit>(xp + row * x.sh, x.sw, walk.len, row * walk.len);
         planes[j] = e;
       }
       const Vec<Acc> g =
-          finish_planes(LaneExtremes<Acc>::fold(planes), prm, nc0, count, C, stats, idx);
+          finish_planes(LaneExtremes<Acc, Track>::fold(planes), prm, nc0, count, C, stats, idx);
       std::memcpy(gate, &g, sizeof(gate));
       at = PlaneIndex(nc0, C);
       for (int j = 0; j < count; ++j, at.next(C)) {
@@ -206,7 +209,7 @@ int64_t channel_block(int64_t C, int64_t HW) {
   return std::min(C, block);
 }
 
-template <typename T, typename Acc, bool Unit, bool HasRes, bool Relu>
+template <typename T, typename Acc, bool Unit, bool HasRes, bool Relu, bool Track>
 void forward_channel_major(const at::Tensor& x_t, const at::Tensor& r_t, const at::Tensor& o_t,
                            Acc* stats, int32_t* idx, const Params<Acc>& prm) {
   using V = Vec<Acc>;
@@ -216,7 +219,7 @@ void forward_channel_major(const at::Tensor& x_t, const at::Tensor& r_t, const a
   const View<T> o(o_t);
   at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
     // Channel j of the block is lane j % kLanes of group j / kLanes.
-    LaneExtremes<Acc> groups[kMaxChannelBlock / kLanes];
+    LaneExtremes<Acc, Track> groups[kMaxChannelBlock / kLanes];
     V gate[kMaxChannelBlock / kLanes];
     const int64_t sxc = Unit ? 1 : x.sc, src = Unit ? 1 : r.sc, soc = Unit ? 1 : o.sc;
     for (int64_t task = begin; task < end; ++task) {
@@ -227,7 +230,7 @@ void forward_channel_major(const at::Tensor& x_t, const at::Tensor& r_t, const a
       T* op = o.plane(n, c0);
       // kChains groups at a time over every position, their extremes in registers.
       for (int64_t k0 = 0; k0 < full; k0 += kChains) {
-        LaneExtremes<Acc> e[kChains];
+        LaneExtremes<Acc, Track> e[kChains];
         const int64_t kn = std::min<int64_t>(kChains, full - k0);
         for (int64_t h = 0; h < H; ++h)
           for (int64_t w = 0; w < W; ++w) {
@@ -239,7 +242,7 @@ void forward_channel_major(const at::Tensor& x_t, const at::Tensor& r_t, const a
         std::copy(e, e + kn, groups + k0);
       }
       if (full < used) {  // the last few channels, fewer than kLanes, one by one
-        groups[full] = LaneExtremes<Acc>();
+        groups[full] = LaneExtremes<Acc, Track>();
         for (int64_t h = 0; h < H; ++h)
           for (int64_t w = 0; w < W; ++w) {
             const T* y = xp + h * x.sh + w * x.sw;
@@ -454,14 +457,11 @@ Params<Acc> params_of(const ParamTensors& p) {
           p[3].data_ptr<Acc>(), p[4].data_ptr<Acc>()};
 }
 
-ForwardResult spem_forward_cpu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
-                               const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& p,
-                               const std::optional<at::Tensor>& residual, bool relu) {
-  check_forward(x, w1, b1, w2, b2, p, residual);
-  auto [out, stats, idx] = allocate_forward(x);
-  if (out.numel() == 0) return {out, stats, idx};
-  const auto acc = compute_dtype(x.scalar_type());
-  const ParamTensors prm = compute_params(w1, b1, w2, b2, p, acc);
+// out = relu?(g x + residual), and with Track each plane's stats and positions.
+template <bool Track>
+void forward_cpu(const at::Tensor& x, const ParamTensors& prm,
+                 const std::optional<at::Tensor>& residual, bool relu, const at::Tensor& out,
+                 const at::Tensor& stats, const at::Tensor& idx) {
   const bool has_res = residual.has_value();
   const at::Tensor& res = has_res ? *residual : x;  // read only with a residual
   const bool by_channel = channel_major(x);
@@ -469,20 +469,41 @@ ForwardResult spem_forward_cpu(const at::Tensor& x, const at::Tensor& w1, const 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spem_forward_cpu", [&] {
     using T = scalar_t;
     using Acc = at::opmath_type<T>;
-    Acc* s = stats.data_ptr<Acc>();
-    int32_t* i = idx.data_ptr<int32_t>();
+    Acc* s = Track ? stats.data_ptr<Acc>() : nullptr;
+    int32_t* i = Track ? idx.data_ptr<int32_t>() : nullptr;
     with_bool(unit, [&](auto U) {
       with_bool(has_res, [&](auto R) {
         with_bool(relu, [&](auto L) {
           if (by_channel)
-            forward_channel_major<T, Acc, U, R, L>(x, res, out, s, i, params_of<Acc>(prm));
+            forward_channel_major<T, Acc, U, R, L, Track>(x, res, out, s, i, params_of<Acc>(prm));
           else
-            forward_plane_major<T, Acc, U, R, L>(x, res, out, s, i, params_of<Acc>(prm));
+            forward_plane_major<T, Acc, U, R, L, Track>(x, res, out, s, i, params_of<Acc>(prm));
         });
       });
     });
   });
+}
+
+ForwardResult spem_forward_cpu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                               const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& p,
+                               const std::optional<at::Tensor>& residual, bool relu) {
+  check_forward(x, w1, b1, w2, b2, p, residual);
+  auto [out, stats, idx] = allocate_forward(x);
+  if (out.numel() > 0)
+    forward_cpu<true>(x, compute_params(w1, b1, w2, b2, p, compute_dtype(x.scalar_type())),
+                      residual, relu, out, stats, idx);
   return {out, stats, idx};
+}
+
+at::Tensor spem_output_cpu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                           const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& p,
+                           const std::optional<at::Tensor>& residual, bool relu) {
+  check_forward(x, w1, b1, w2, b2, p, residual);
+  at::Tensor out = at::empty_like(x);
+  if (out.numel() > 0)
+    forward_cpu<false>(x, compute_params(w1, b1, w2, b2, p, compute_dtype(x.scalar_type())),
+                       residual, relu, out, at::Tensor(), at::Tensor());
+  return out;
 }
 
 BackwardResult spem_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
@@ -536,5 +557,6 @@ BackwardResult spem_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
 
 TORCH_LIBRARY_IMPL(spem_native, CPU, m) {
   m.impl("spem_forward", &spem_native::spem_forward_cpu);
+  m.impl("spem_output", &spem_native::spem_output_cpu);
   m.impl("spem_backward", &spem_native::spem_backward_cpu);
 }

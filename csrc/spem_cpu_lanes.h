@@ -135,29 +135,36 @@ V fold_pick(V a, V b, std::integer_sequence<int, L...>) {
 }
 
 // Per-lane running max/min with first positions; each lane must see increasing positions.
-template <typename Acc>
+// Without Positions (a forward that no backward follows) only the values are kept: a max and a
+// min instruction per vector instead of two compares and four blends. The values are the same.
+template <typename Acc, bool Positions = true>
 struct LaneExtremes {
   using V = Vec<Acc>;
   using I = IVec<Acc>;
   V max, min;
-  I imax, imin, nan;
+  I imax, imin, nan;  // positions: 0 without Positions
 
   LaneExtremes() : imax{}, imin{}, nan{} {
     for (int l = 0; l < kLanes; ++l) max[l] = -INFINITY, min[l] = INFINITY;
   }
 
   void add(V v, I pos) {
-    const I up = v > max, down = v < min;
-    max = up ? v : max;
-    imax = up ? pos : imax;
-    min = down ? v : min;
-    imin = down ? pos : imin;
+    if constexpr (Positions) {
+      const I up = v > max, down = v < min;
+      max = up ? v : max;
+      imax = up ? pos : imax;
+      min = down ? v : min;
+      imin = down ? pos : imin;
+    } else {
+      max = v > max ? v : max;  // NaN keeps max: the max instruction's own rule
+      min = v < min ? v : min;
+    }
     nan |= v != v;
   }
 
   void add_one(int l, Acc v, int64_t pos) {
-    if (v > max[l]) max[l] = v, imax[l] = pos;
-    if (v < min[l]) min[l] = v, imin[l] = pos;
+    if (v > max[l]) max[l] = v, imax[l] = Positions ? pos : 0;
+    if (v < min[l]) min[l] = v, imin[l] = Positions ? pos : 0;
     if (v != v) nan[l] = 1;
   }
 
@@ -176,12 +183,17 @@ struct LaneExtremes {
   // Lane-wise merge with `o`, whose lanes hold the same planes: the extreme value, and of equal
   // ones the smaller position (so the order of merging does not matter).
   void merge(const LaneExtremes& o) {
-    const I up = (o.max > max) | ((o.max == max) & (o.imax < imax));
-    const I down = (o.min < min) | ((o.min == min) & (o.imin < imin));
-    max = up ? o.max : max;
-    imax = up ? o.imax : imax;
-    min = down ? o.min : min;
-    imin = down ? o.imin : imin;
+    if constexpr (Positions) {
+      const I up = (o.max > max) | ((o.max == max) & (o.imax < imax));
+      const I down = (o.min < min) | ((o.min == min) & (o.imin < imin));
+      max = up ? o.max : max;
+      imax = up ? o.imax : imax;
+      min = down ? o.min : min;
+      imin = down ? o.imin : imin;
+    } else {
+      max = o.max > max ? o.max : max;
+      min = o.min < min ? o.min : min;
+    }
     nan |= o.nan;
   }
 
