@@ -144,7 +144,9 @@ def write(result, path):
     fig.suptitle(f"SPEM block tail relu(g*x + residual) on {meta['device']}, {meta['date'][:10]}\n"
                  f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}; "
                  f"copy bandwidth {copy_gbps:.0f} GB/s\nop targets (each fused backend no slower "
-                 f"than the best peer; GPU: also fwd+bwd speed): {passed}/{len(targets)} rows PASS",
+                 f"than the best peer; GPU: also fwd+bwd speed): {passed}/{len(targets)} rows PASS"
+                 + ("" if result["summary"]["quiet"] else
+                    f"; NOT QUIET: load average up to {result['summary']['max_load']:.1f}"),
                  fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(path, dpi=110)

@@ -53,6 +53,10 @@ OP_MAX_VS_BEST_PEER = 1.0
 OP_MIN_FRAC_COPY = {"stage1": 0.8, "stage2": 0.8, "stage3": 0.6}
 OP_MIN_VS_EAGER, OP_MIN_VS_COMPILE = 5.0, 1.5
 PEERS = ("eager", "compile")
+# A run is quiet when the 1-minute load average stays below this at the start and end of every
+# case: with more, a call of a parallel kernel also waits for a core (on a shared 2-core machine
+# about a scheduler tick per parallel region), and times and their ratios do not reproduce.
+QUIET_LOAD = 0.5
 ROTATE_BYTES = 256 * 2**20  # input sets per case are rotated until they span this much
 # Model options whose defaults depend on the device (bf16 and graphs are GPU rows).
 DEVICE_DEFAULTS = {"cuda": {"model_batch": 128, "model_precisions": "fp32,bf16",
@@ -384,12 +388,15 @@ def check_model(row, a):
     return f"MISS ({row['x_plain']:.2f}x plain > {limit}x)"
 
 
-def summarize(op_rows, model_rows):
+def summarize(meta, op_rows, model_rows):
     checked = [(describe(r), r["target"]) for r in op_rows if r.get("target")]
     checked += [(f"model {r['precision']} {r['mode']} {r['label']}", r["target"])
                 for r in model_rows if r.get("target")]
     misses = [f"{what}: {verdict}" for what, verdict in checked if not verdict.startswith("PASS")]
-    return {"checked": len(checked), "passed": len(checked) - len(misses), "misses": misses}
+    loads = [meta["load_avg_start"][0], meta["load_avg_end"][0]]
+    loads += [load for r in op_rows for load in r.get("load_avg", [])]
+    return {"checked": len(checked), "passed": len(checked) - len(misses), "misses": misses,
+            "max_load": max(loads), "quiet": max(loads) < QUIET_LOAD}
 
 
 def fmt(value, spec):
@@ -417,6 +424,10 @@ def table(result):
              f"{meta['load_avg_end'][0]:.2f} at end",
              "kernel backends: " + "; ".join(f"{name}: {shorten(why, 100)}"
                                              for name, why in meta["backends"].items()),
+             *([] if result["summary"]["quiet"] else [
+                 f"NOT QUIET: load average up to {result['summary']['max_load']:.2f} during the "
+                 f"run (quiet: < {QUIET_LOAD}): calls also waited for a core, and these times "
+                 "and ratios may not reproduce"]),
              "medians; from Python: CUDA events around back-to-back calls, host cost included "
              "(CPU: perf_counter), a case's implementations in "
              f"{meta.get('rounds', 1)} interleaved rounds (the median round); GPU-only: replays "
@@ -519,7 +530,7 @@ def main(argv=None):
 
         measure_models(a, save_rows, seconds)
     meta["load_avg_end"] = os.getloadavg()
-    result["summary"] = summarize(result["ops"], result["model"])
+    result["summary"] = summarize(meta, result["ops"], result["model"])
     seconds["total"] = time.perf_counter() - started
     save(result, stem)
     plot.write(result, stem + ".png")

@@ -115,3 +115,12 @@ def test_interleaved_rounds_take_a_count_per_workload():
                                 rounds=3, reps={"slow": 1, "fast": 4}, warmup=2)
     assert calls == {"slow": 2 + 3, "fast": 2 + 3 * 4}
     assert t["slow"].reps == 3 and t["fast"].reps == 12
+
+
+def test_a_run_is_quiet_only_below_the_load_limit():
+    meta = {"load_avg_start": (0.1, 0, 0), "load_avg_end": (0.2, 0, 0)}
+    rows = [{"load_avg": [0.3, 0.4]}]
+    assert report.summarize(meta, rows, [])["quiet"]
+    rows.append({"load_avg": [0.2, report.QUIET_LOAD]})
+    summary = report.summarize(meta, rows, [])
+    assert not summary["quiet"] and summary["max_load"] == report.QUIET_LOAD
