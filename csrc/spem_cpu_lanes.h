@@ -8,8 +8,8 @@
 //   in registers. bfloat16 is the high half of a float32: a 16-bit shift one way, and the other
 //   round-to-nearest-even in integer arithmetic, exactly as c10::BFloat16 rounds.
 // - LaneExtremes: per-lane running max and min with their first positions; `fold` turns the
-//   lanes of kLanes planes into one vector whose lane j is plane j's, so that the per-plane
-//   math that follows (the gate) runs on vectors too.
+//   lanes of kLanes planes (their extremes, or sums) into one vector whose lane j is plane j's,
+//   so that the per-plane math that follows (gate, gradients) runs on vectors too.
 // Results never depend on how planes are grouped: every lane computes on its own, and ties are
 // settled by position, not by the order of merging.
 #pragma once
@@ -121,19 +121,6 @@ struct Identity {
   }
 };
 
-// Lane indices of one fold round (see LaneExtremes::fold): output lane l takes, from the first
-// input for l < kLanes / 2 and the second otherwise, the k-th lane (k = l % (kLanes / 2)) of the
-// lower (upper: `hi`) h lanes of each run of 2h.
-constexpr int fold_lane(int l, int h, bool hi) {
-  const int k = l % (kLanes / 2);
-  return (l < kLanes / 2 ? 0 : kLanes) + k / h * 2 * h + k % h + (hi ? h : 0);
-}
-
-template <int H, bool Hi, typename V, int... L>
-V fold_pick(V a, V b, std::integer_sequence<int, L...>) {
-  return __builtin_shufflevector(a, b, fold_lane(L, H, Hi)...);
-}
-
 // Per-lane running max/min with first positions; each lane must see increasing positions.
 // Without Positions (a forward that no backward follows) only the values are kept: a max and a
 // min instruction per vector instead of two compares and four blends. The values are the same.
@@ -196,50 +183,82 @@ struct LaneExtremes {
     }
     nan |= o.nan;
   }
-
-  // planes[j] reduced over its lanes into lane j, for all kLanes planes at once (planes is
-  // overwritten): log2(kLanes) rounds, round h merging the lower and upper h lanes of each run
-  // of 2h in two inputs, which halves both the vectors and the lanes each plane spans. A
-  // plane of 8x8 float32 is four vectors: this costs each about one merge, where reducing one
-  // plane's lanes alone would cost it four.
-  static LaneExtremes fold(LaneExtremes* planes) {
-    static_assert(kLanes == 16, "fold's rounds are written for 16 lanes");
-    fold_round<8>(planes);
-    fold_round<4>(planes);
-    fold_round<2>(planes);
-    fold_round<1>(planes);
-    return planes[0];
-  }
-
- private:
-  template <int H>
-  static void fold_round(LaneExtremes* p) {  // 2H vectors in, H out
-    constexpr auto lanes = std::make_integer_sequence<int, kLanes>{};
-    for (int k = 0; k < H; ++k) {
-      const LaneExtremes &a = p[2 * k], &b = p[2 * k + 1];
-      LaneExtremes lo = a, hi = a;
-      lo.max = fold_pick<H, false>(a.max, b.max, lanes);
-      lo.min = fold_pick<H, false>(a.min, b.min, lanes);
-      lo.imax = fold_pick<H, false>(a.imax, b.imax, lanes);
-      lo.imin = fold_pick<H, false>(a.imin, b.imin, lanes);
-      lo.nan = fold_pick<H, false>(a.nan, b.nan, lanes);
-      hi.max = fold_pick<H, true>(a.max, b.max, lanes);
-      hi.min = fold_pick<H, true>(a.min, b.min, lanes);
-      hi.imax = fold_pick<H, true>(a.imax, b.imax, lanes);
-      hi.imin = fold_pick<H, true>(a.imin, b.imin, lanes);
-      hi.nan = fold_pick<H, true>(a.nan, b.nan, lanes);
-      lo.merge(hi);
-      p[k] = lo;
-    }
-  }
 };
 
-// The sum of a vector's lanes, in lane order.
+// --- folding kLanes planes' lanes into one vector ---
+//
+// fold(items, combine): item j reduced over its lanes into lane j of one result, for kLanes
+// items at once (items is overwritten). log2(kLanes) rounds: round h takes two items a, b and
+// splits them into lo (the lower h lanes of each run of 2h: a's in the first half, b's in the
+// second) and hi (the upper h lanes), then combines lo with hi lane-wise, which halves both the
+// items and the lanes each item spans. A plane of 8x8 float32 is four vectors: this costs it
+// about one combine, where reducing one plane's lanes alone would cost four. Every plane's
+// lanes meet in the same pattern whatever its slot, so the result does not depend on grouping.
+
+// Output lane l of round h: from a for l < kLanes / 2, else from b, the k-th (k = l % (kLanes
+// / 2)) of the lower (upper: hi) h lanes of each run of 2h.
+constexpr int fold_lane(int l, int h, bool hi) {
+  const int k = l % (kLanes / 2);
+  return (l < kLanes / 2 ? 0 : kLanes) + k / h * 2 * h + k % h + (hi ? h : 0);
+}
+
+template <int H, bool Hi, typename V, int... L>
+V fold_pick(V a, V b, std::integer_sequence<int, L...>) {
+  return __builtin_shufflevector(a, b, fold_lane(L, H, Hi)...);
+}
+
+template <int H, bool Hi, typename V>
+V fold_half(const V& a, const V& b) {
+  return fold_pick<H, Hi>(a, b, std::make_integer_sequence<int, kLanes>{});
+}
+
+template <int H, bool Hi, typename Acc, bool Positions>
+LaneExtremes<Acc, Positions> fold_half(const LaneExtremes<Acc, Positions>& a,
+                                       const LaneExtremes<Acc, Positions>& b) {
+  LaneExtremes<Acc, Positions> e;
+  e.max = fold_half<H, Hi>(a.max, b.max);
+  e.min = fold_half<H, Hi>(a.min, b.min);
+  e.imax = fold_half<H, Hi>(a.imax, b.imax);
+  e.imin = fold_half<H, Hi>(a.imin, b.imin);
+  e.nan = fold_half<H, Hi>(a.nan, b.nan);
+  return e;
+}
+
+template <int H, typename Item, typename Combine>
+void fold_round(Item* items, Combine combine) {  // 2H items in, H out
+  for (int k = 0; k < H; ++k)
+    items[k] = combine(fold_half<H, false>(items[2 * k], items[2 * k + 1]),
+                       fold_half<H, true>(items[2 * k], items[2 * k + 1]));
+  if constexpr (H > 1) fold_round<H / 2>(items, combine);
+}
+
+template <typename Item, typename Combine>
+Item fold(Item* items, Combine combine) {
+  fold_round<kLanes / 2>(items, combine);
+  return items[0];
+}
+
+// Lane j: the extremes of planes[j] (ties still to the first position).
+template <typename Acc, bool Positions>
+LaneExtremes<Acc, Positions> fold_extremes(LaneExtremes<Acc, Positions>* planes) {
+  return fold(planes, [](LaneExtremes<Acc, Positions> lo, const LaneExtremes<Acc, Positions>& hi) {
+    lo.merge(hi);
+    return lo;
+  });
+}
+
+// Lane j: the sum of sums[j]'s lanes, always added in the same tree.
 template <typename Acc>
-Acc sum_lanes(const Vec<Acc>& sums) {
-  Acc s = 0;
-  for (int l = 0; l < kLanes; ++l) s += sums[l];
-  return s;
+Vec<Acc> fold_sums(Vec<Acc>* sums) {
+  return fold(sums, [](const Vec<Acc>& lo, const Vec<Acc>& hi) { return lo + hi; });
+}
+
+// The sum of one vector's lanes in fold_sums's tree: the same number for a plane either way.
+template <typename Acc>
+Acc sum_lanes(Vec<Acc> v) {
+  for (int h = kLanes / 2; h >= 1; h /= 2)
+    for (int l = 0; l < h; ++l) v[l] += v[l + h];
+  return v[0];
 }
 
 // x -> max(x, 0) for a value or a vector; NaN stays NaN, as torch.relu keeps it.
@@ -247,6 +266,13 @@ template <typename V>
 V relu(V v) {
   const V zero{};
   return v < zero ? zero : v;
+}
+
+// The gradient through a ReLU from its output: G where out > 0, else 0 (NaN out included).
+template <bool Relu, typename V>
+V relu_grad(V G, V out) {
+  if constexpr (Relu) return out > V{} ? G : V{};
+  return G;
 }
 
 }  // namespace spem_native

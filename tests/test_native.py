@@ -108,13 +108,13 @@ def restore_threads():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_results_do_not_depend_on_the_thread_count(restore_threads, dtype, channels_last):
+@pytest.mark.parametrize("shape", [(17, 67, 8, 8), (5, 67, 16, 16)], ids=str)
+def test_results_do_not_depend_on_the_thread_count(restore_threads, dtype, channels_last, shape):
     """Bitwise the same forward (with and without stats), backward and parameter gradients on
-    1, 2 and 3 threads. 17 x 67 planes of 8x8: more than one parallel task, split where a
-    group of 16 planes (NCHW) or a block of channels (channels_last, 67 = 4 x 16 + 3) ends
-    at no round number."""
+    1, 2 and 3 threads. 67 channels of small and larger planes: more than one parallel task,
+    split where a group of 16 planes (NCHW) or a block of channels (channels_last,
+    67 = 4 x 16 + 3) ends at no round number."""
     torch.manual_seed(0)
-    shape = (17, 67, 8, 8)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x, res, grad = (torch.randn(shape).to(dtype).contiguous(memory_format=fmt) for _ in range(3))
     params = [torch.randn(67) for _ in range(4)] + [torch.randn(2)]
