@@ -1,6 +1,7 @@
 """The report's PNG: op GB/s from Python and GPU-only per implementation, for each stage
-shape and direction, against the measured copy bandwidth; model step times per variant,
-precision and mode, and the extra activation memory."""
+shape and direction, against the measured copy bandwidth, each fused backend's time over the
+best peer's (PASS/MISS); model step times per variant, precision and mode, and the extra
+activation memory."""
 import textwrap
 
 import matplotlib
@@ -11,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 COLORS = {"eager": "#9e9e9e", "compile": "#5c8fd6", "triton": "#e07b39", "native": "#3fa34d"}
 VARIANT_COLORS = {"plain": "#9e9e9e", "eager SPEM": "#c77dba", "fused SPEM": "#3fa34d",
                   "fused SPEM+BN": "#1f6f33"}
+TARGET_COLORS = {"PASS": "#1b7a2e", "MISS": "#c62828"}
 
 
 def _unique(rows, key):
@@ -42,9 +44,14 @@ def _op_axes(ax, rows, impls, groups, copy_gbps):
             label = f"{row['python']['median_ms']:.3g}"
             if gpu_gbps is not None:
                 label += f" / {row['graph']['median_ms']:.3g}"
+            label += " ms"
+            target = row.get("target")
+            if target and row.get("vs_best_peer"):  # a fused backend: over the best peer
+                label += f", {row['vs_best_peer']:.2f}x"
             height = max(python_gbps, gpu_gbps or 0)
             top = max(top, height)
-            ax.text(x, height, label + " ms", ha="center", va="bottom", fontsize=6, rotation=90)
+            ax.text(x, height, label, ha="center", va="bottom", fontsize=6, rotation=90,
+                    color=TARGET_COLORS[target.split()[0]] if target else "k")
     ax.axhline(copy_gbps, color="k", ls="--", lw=1, label="copy bandwidth")
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels([f"{d}\n{l}" for d, l in groups], fontsize=8)
@@ -95,8 +102,9 @@ def _notes(ax, result):
     lines += [textwrap.shorten(m, 60) for m in s["misses"][:8]]
     lines += ["", "op bars: GB/s = bytes that must move / median",
               "solid: from Python; pale: GPU-only (graph replay)",
-              "labels: ms from Python / GPU-only; dashed: copy",
-              "bandwidth (read + write of a large tensor)",
+              "labels: ms from Python / GPU-only; fused backends:",
+              "x the best peer's time, green PASS (<= 1), red MISS;",
+              "dashed: copy bandwidth (read + write of a large tensor)",
               "model: fused SPEM = " + next((r["resolved_backend"] for r in result["model"]
                                             if r.get("resolved_backend")), "n/a"),
               f"load average: {meta['load_avg_start'][0]:.2f} at start, "
@@ -136,9 +144,15 @@ def write(result, path):
         _notes(bottom[2], result)
         for ax in bottom[3:]:
             ax.axis("off")
+    targets = [r["target"] for r in ops if r.get("target")]
+    passed = sum(t.startswith("PASS") for t in targets)
     fig.suptitle(f"SPEM block tail relu(g*x + residual) on {meta['device']}, {meta['date'][:10]}\n"
                  f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}; "
-                 f"copy bandwidth {copy_gbps:.0f} GB/s", fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
+                 f"copy bandwidth {copy_gbps:.0f} GB/s\nop targets (each fused backend no slower "
+                 f"than the best peer; GPU: also fwd+bwd speed): {passed}/{len(targets)} rows PASS"
+                 + ("" if result["summary"]["quiet"] else
+                    f"; NOT QUIET: load average up to {result['summary']['max_load']:.1f}"),
+                 fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)

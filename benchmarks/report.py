@@ -10,9 +10,11 @@ compile time. Then op rows: for each ResNet-164 stage shape (or ImageNet ResNet-
 --stages imagenet), dtype and memory format, forward and
 forward+backward of relu(g * x + residual) for eager (spem_reference), torch.compile of
 spem_reference and each fused backend, timed two ways: as called from Python (host cost
-included) and, on a GPU, GPU-only (the same call captured in a CUDA graph and replayed);
-each with the bytes that must move, the achieved GB/s and its share of the device's copy
-bandwidth, and speedups over eager and torch.compile (from Python).
+included; a case's implementations in interleaved rounds, so that load on a shared machine
+hits them alike) and, on a GPU, GPU-only (the same call captured in a CUDA graph and
+replayed); each with the bytes that must move, the achieved GB/s and its share of the
+device's copy bandwidth, speedups over eager and torch.compile (from Python), and for each
+fused backend its target: no slower than the best of the two.
 Writes <out-dir>/<device>.json (after every case, so a run cut short keeps what it
 measured) and .png, prints the table last, and marks the targets PASS/MISS. With
 --time-budget it starts nothing it cannot finish in time and ends with what it measured.
@@ -37,20 +39,29 @@ from spem_kernels import spem_reference
 from spem_kernels.backends import NAMES as BACKENDS, compiled_backends, unavailable_reason
 from spem_kernels.cases import (ALL_STAGES, DIRECTIONS, DTYPES, LAYOUTS, SHAPE_SETS, STAGES,
                                 block_tail_call, block_tail_inputs, block_tail_op, stage_shape)
-from spem_kernels.timing import copy_bandwidth, synchronize, time_calls, time_replays
+from spem_kernels.timing import (copy_bandwidth, synchronize, time_calls, time_interleaved,
+                                 time_replays)
 
 from . import model_bench, plot
 
 # Targets. Model: fused / plain step time at the batch below, per mode (GPU: fp32 and bf16;
-# CPU: eager mode, fp32). Op (GPU, fused fwd+bwd): GPU-only share of the copy bandwidth per
+# CPU: eager mode, fp32). Op, every row of a fused backend, every device: no slower than the
+# best peer (eager or torch.compile(eager), whichever is faster in that row), from Python and
+# (GPU) GPU-only. Op (GPU, fused fwd+bwd) also: GPU-only share of the copy bandwidth per
 # stage, and speedups from Python over eager and over torch.compile(eager).
 MODEL_MAX_RATIO = {"fused SPEM": {"eager": 1.10, "graph": 1.05},
                    "fused SPEM+BN": {"eager": 1.00, "graph": 1.00}}
 # Memory (BatchNorm fused): bytes kept for the backward at most this much over plain's.
 MODEL_MAX_SAVED_VS_PLAIN = {"fused SPEM+BN": 1.05}
 MODEL_TARGET_BATCH = {"cuda": 128, "cpu": 16}
+OP_MAX_VS_BEST_PEER = 1.0
 OP_MIN_FRAC_COPY = {"stage1": 0.8, "stage2": 0.8, "stage3": 0.6}  # ImageNet planes: by size
 OP_MIN_VS_EAGER, OP_MIN_VS_COMPILE = 5.0, 1.5
+PEERS = ("eager", "compile")
+# A run is quiet when the 1-minute load average stays below this at the start and end of every
+# case: with more, a call of a parallel kernel also waits for a core (on a shared 2-core machine
+# about a scheduler tick per parallel region), and times and their ratios do not reproduce.
+QUIET_LOAD = 0.5
 ROTATE_BYTES = 256 * 2**20  # input sets per case are rotated until they span this much
 # Model options whose defaults depend on the device (bf16 and graphs are GPU rows).
 DEVICE_DEFAULTS = {"cuda": {"model_batch": 128, "model_precisions": "fp32,bf16",
@@ -92,6 +103,9 @@ def parse_args(argv):
                         help="input sets per case (default: enough to span 256 MiB, 2 to 8)")
     parser.add_argument("--min-time", type=float, default=0.5,
                         help="seconds timed per op figure (each of from-Python and GPU-only)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="interleaved rounds over a case's implementations (from Python); "
+                             "the median round is kept")
     parser.add_argument("--no-model", action="store_true", help="skip the model rows")
     parser.add_argument("--no-ops", action="store_true", help="skip the op rows")
     parser.add_argument("--model-variants", default=",".join(MODEL_VARIANTS),
@@ -193,6 +207,7 @@ def environment(a):
         "batch": a.batch,
         "stages": a.stages,
         "min_time_s": a.min_time,
+        "rounds": a.rounds,
         "quick": a.quick,
         # why each kernel backend is or is not in the report (a failed build shows here)
         "backends": {name: "timed" if name in a.impls
@@ -212,19 +227,31 @@ def attempt(fn):
 
 def op_for_impl(impl):
     if impl == "compile":
-        torch._dynamo.reset()  # a fresh cache per case: no recompile limit, honest compile time
         return torch.compile(spem_reference, dynamic=False)
     return block_tail_op(impl)
 
 
-def timed_cell(measure, nbytes, copy_gbps):
-    """A table cell: the Timing of measure() with GB/s and share of the copy bandwidth, or
-    {"error": reason}."""
-    t, error = attempt(measure)
-    if error:
-        return {"error": error}
+def cell(t, nbytes, copy_gbps):
+    """A table cell: a Timing with GB/s and share of the copy bandwidth."""
     gb_per_s = nbytes / (t.median_ms * 1e-3) / 1e9
     return dict(t._asdict(), gb_per_s=gb_per_s, frac_copy=gb_per_s / copy_gbps)
+
+
+def timed_cell(measure, nbytes, copy_gbps):
+    """cell() of measure()'s Timing, or {"error": reason}."""
+    t, error = attempt(measure)
+    return {"error": error} if error else cell(t, nbytes, copy_gbps)
+
+
+def time_python(calls, device, rounds, min_time):
+    """{impl: Timing} from Python, every implementation of a case in interleaved rounds
+    (spem_kernels.timing.time_interleaved): a burst of load on a shared machine, or a clock
+    change, hits them all alike, so their ratios hold even where their times do not. Each
+    round times about min_time / rounds seconds of each, from a first estimate."""
+    estimate = {impl: time_calls(fns, device, reps=len(fns), warmup=0).median_ms
+                for impl, fns in calls.items()}
+    reps = {impl: max(1, math.ceil(min_time / rounds * 1e3 / ms)) for impl, ms in estimate.items()}
+    return time_interleaved(calls, device, rounds=rounds, reps=reps, warmup=0)
 
 
 def measure_ops(a, copy_gbps):
@@ -248,29 +275,35 @@ def measure_ops(a, copy_gbps):
             case = {"stage": stage, "shape": list(stage_shape(stage, a.batch)), "dtype": dtype,
                     "layout": layout, "direction": direction, "input_sets": sets,
                     "bytes": nbytes}
-            rows = []
+            load_start = os.getloadavg()[0]
+            rows, calls = [], {}
+            if "compile" in a.impls:
+                torch._dynamo.reset()  # a fresh cache per case: no recompile limit, honest time
             for impl in a.impls:
                 if out_of_time(a):
                     break  # the case's rows so far still go out
-                op = op_for_impl(impl)
-                fns = [block_tail_call(op, inp, direction) for inp in inputs]
+                fns = [block_tail_call(op_for_impl(impl), inp, direction) for inp in inputs]
                 row = dict(case, impl=impl)
                 first = time.perf_counter()
-                _, error = attempt(lambda: (fns[0](), synchronize(a.device)))
+                _, error = attempt(lambda: (fns[0](), synchronize(a.device)))  # compiles
                 if impl == "compile":
                     row["compile_s"] = None if error else time.perf_counter() - first
                 if error:
                     row["python"] = {"error": error}
                     row["graph"] = {"error": error} if on_gpu else None
                 else:
-                    row["python"] = timed_cell(
-                        lambda: time_calls(fns, a.device, min_time_s=a.min_time,
-                                           warmup=max(3, sets)), nbytes, copy_gbps)
+                    calls[impl] = fns
                     row["graph"] = timed_cell(
                         lambda: time_replays(fns, min_time_s=a.min_time), nbytes, copy_gbps
                     ) if on_gpu else None  # CUDA graphs need a GPU
-                print(progress(row), file=sys.stderr, flush=True)
                 rows.append(row)
+            timings, error = attempt(lambda: time_python(calls, a.device, a.rounds, a.min_time))
+            for row in rows:
+                if row["impl"] in calls:
+                    row["python"] = (cell(timings[row["impl"]], nbytes, copy_gbps) if timings
+                                     else {"error": error})
+                row["load_avg"] = [load_start, os.getloadavg()[0]]  # 1-minute, case start/end
+                print(progress(row), file=sys.stderr, flush=True)
             add_speedups(rows)
             for row in rows:
                 row["target"] = check_op(row, a.device)
@@ -293,30 +326,57 @@ def progress(row):
 
 
 def add_speedups(case_rows):
-    """Speedups from Python over eager and over torch.compile(eager), for each row."""
-    base = {r["impl"]: r["python"].get("median_ms") for r in case_rows}
+    """Per row: speedups from Python over eager and over torch.compile(eager); for a fused
+    backend also its time over the best peer's (the faster of the two), from Python and
+    (GPU) GPU-only: vs_best_peer, vs_best_peer_graph, best_peer."""
+    def ms(row, timing):
+        return (row[timing] or {}).get("median_ms")
+
+    base = {r["impl"]: r for r in case_rows}
     for r in case_rows:
-        mine = r["python"].get("median_ms")
-        for ref in ("eager", "compile"):
-            r[f"vs_{ref}"] = base[ref] / mine if mine and base.get(ref) else None
+        mine = ms(r, "python")
+        for ref in PEERS:
+            theirs = ms(base[ref], "python") if ref in base else None
+            r[f"vs_{ref}"] = theirs / mine if mine and theirs else None
+        if r["impl"] in PEERS:
+            continue
+        for timing, key in (("python", "vs_best_peer"), ("graph", "vs_best_peer_graph")):
+            peers = {ref: ms(base[ref], timing) for ref in PEERS if ref in base}
+            peers = {ref: t for ref, t in peers.items() if t}
+            if peers and ms(r, timing):
+                best = min(peers, key=peers.get)
+                r[key] = ms(r, timing) / peers[best]
+                if timing == "python":
+                    r["best_peer"] = best
 
 
 def check_op(row, device):
-    """PASS/MISS of a fused fwd+bwd row against the op targets (GPU); None where none apply."""
-    fused_fwd_bwd = row["impl"] not in ("eager", "compile") and row["direction"] == "fwd+bwd"
-    if device.type != "cuda" or not fused_fwd_bwd:
+    """PASS/MISS of a fused backend's row (None for the peers' rows): every row, no slower than
+    the best peer from Python and (GPU) GPU-only; GPU fwd+bwd also the copy-bandwidth share
+    and the speedups over each peer."""
+    if row["impl"] in PEERS:
         return None
     misses = []
-    plane = row["shape"][2] * row["shape"][3]
-    need = OP_MIN_FRAC_COPY.get(row["stage"], 0.8 if plane >= 256 else 0.6)
-    got = row["graph"].get("frac_copy")
-    if got is None or got < need:
-        misses.append(f"GPU-only {'n/a' if got is None else f'{got:.0%}'} of copy < {need:.0%}")
-    for ref, need in (("eager", OP_MIN_VS_EAGER), ("compile", OP_MIN_VS_COMPILE)):
-        got = row[f"vs_{ref}"]
+    checks = [("vs_best_peer", "")] + ([("vs_best_peer_graph", " GPU-only")]
+                                       if device.type == "cuda" else [])
+    for key, what in checks:
+        got = row.get(key)
+        if got is None or got > OP_MAX_VS_BEST_PEER:
+            misses.append(f"{'n/a' if got is None else f'{got:.2f}x'} best peer{what} "
+                          f"> {OP_MAX_VS_BEST_PEER:.2f}x")
+    if device.type == "cuda" and row["direction"] == "fwd+bwd":
+        plane = row["shape"][2] * row["shape"][3]
+        need = OP_MIN_FRAC_COPY.get(row["stage"], 0.8 if plane >= 256 else 0.6)
+        got = row["graph"].get("frac_copy")
         if got is None or got < need:
-            misses.append(f"{'n/a' if got is None else f'{got:.1f}x'} {ref} < {need}x")
-    return "PASS" if not misses else "MISS (" + ", ".join(misses) + ")"
+            misses.append(f"GPU-only {'n/a' if got is None else f'{got:.0%}'} of copy < {need:.0%}")
+        for ref, need in (("eager", OP_MIN_VS_EAGER), ("compile", OP_MIN_VS_COMPILE)):
+            got = row[f"vs_{ref}"]
+            if got is None or got < need:
+                misses.append(f"{'n/a' if got is None else f'{got:.1f}x'} {ref} < {need}x")
+    if misses:
+        return "MISS (" + ", ".join(misses) + ")"
+    return f"PASS ({row['vs_best_peer']:.2f}x best peer)"
 
 
 def measure_models(a, save_rows, seconds):
@@ -390,15 +450,15 @@ def check_model(row, a):
 
 
 def check_memory(rows):
-    """The memory targets (bytes kept for the backward vs the plain network's, same
-    precision): row["memory_target"] PASS/MISS where one applies."""
+    """The memory targets (ResNet-164: bytes kept for the backward vs the plain network's,
+    same precision): row["memory_target"] PASS/MISS where one applies."""
     for r in rows:
         limit = MODEL_MAX_SAVED_VS_PLAIN.get(r["label"])
         saved = r.get("memory", {}).get("saved_mb")
         plain = next((p.get("memory", {}).get("saved_mb") for p in rows
                       if p["label"] == "plain" and p["precision"] == r["precision"]
                       and p["mode"] == r["mode"]), None)
-        if limit is None or r["mode"] != "eager":
+        if limit is None or r["mode"] != "eager" or r["depth"] != 164:
             continue
         if saved is None or not plain:
             r["memory_target"] = "MISS (no saved-bytes figure)"
@@ -408,14 +468,17 @@ def check_memory(rows):
                               f"MISS ({saved / plain:.3f}x plain's kept for backward > {limit}x)")
 
 
-def summarize(op_rows, model_rows):
+def summarize(meta, op_rows, model_rows):
     checked = [(describe(r), r["target"]) for r in op_rows if r.get("target")]
     checked += [(f"model {r['precision']} {r['mode']} {r['label']}", r["target"])
                 for r in model_rows if r.get("target")]
     checked += [(f"model {r['precision']} {r['label']} memory", r["memory_target"])
                 for r in model_rows if r.get("memory_target")]
-    misses = [f"{what}: {verdict}" for what, verdict in checked if verdict != "PASS"]
-    return {"checked": len(checked), "passed": len(checked) - len(misses), "misses": misses}
+    misses = [f"{what}: {verdict}" for what, verdict in checked if not verdict.startswith("PASS")]
+    loads = [meta["load_avg_start"][0], meta["load_avg_end"][0]]
+    loads += [load for r in op_rows for load in r.get("load_avg", [])]
+    return {"checked": len(checked), "passed": len(checked) - len(misses), "misses": misses,
+            "max_load": max(loads), "quiet": max(loads) < QUIET_LOAD}
 
 
 def fmt(value, spec):
@@ -443,15 +506,22 @@ def table(result):
              f"{meta['load_avg_end'][0]:.2f} at end",
              "kernel backends: " + "; ".join(f"{name}: {shorten(why, 100)}"
                                              for name, why in meta["backends"].items()),
+             *([] if result["summary"]["quiet"] else [
+                 f"NOT QUIET: load average up to {result['summary']['max_load']:.2f} during the "
+                 f"run (quiet: < {QUIET_LOAD}): calls also waited for a core, and these times "
+                 "and ratios may not reproduce"]),
              "medians; from Python: CUDA events around back-to-back calls, host cost included "
-             "(CPU: perf_counter); GPU-only: replays of the call captured in a CUDA graph "
-             "(do_bench; '-' without a GPU); x eager, x comp: from Python",
+             "(CPU: perf_counter), a case's implementations in "
+             f"{meta.get('rounds', 1)} interleaved rounds (the median round); GPU-only: replays "
+             "of the call captured in a CUDA graph (do_bench; '-' without a GPU); x eager, "
+             "x comp: from Python; target: a fused backend no slower than the best peer "
+             "(eager or compile); load: 1-minute load average at the case's start",
              *([f"CUT SHORT: {meta['cut_short']}"] if meta.get("cut_short") else []),
              ""]
     head = (f"{'stage':7} {'N,C,H,W':14} {'dtype':8} {'layout':13} {'dir':7} {'impl':8} "
             f"{'MB':>7} | {'from Python: ms':>15} {'GB/s':>7} {'%copy':>6} | "
-            f"{'GPU-only: ms':>12} {'GB/s':>7} {'%copy':>6} | {'x eager':>7} {'x comp':>7}  "
-            f"target")
+            f"{'GPU-only: ms':>12} {'GB/s':>7} {'%copy':>6} | {'x eager':>7} {'x comp':>7} "
+            f"{'load':>5}  target")
     lines += [head, "-" * len(head)]
     previous = None
     for r in result["ops"]:
@@ -462,8 +532,8 @@ def table(result):
         lines.append(f"{r['stage']:7} {shape:14} {r['dtype']:8} {r['layout']:13} "
                      f"{r['direction']:7} {r['impl']:8} {r['bytes'] / 1e6:7.1f} | "
                      f"{op_cells(r['python']):>30} | {op_cells(r['graph']):>27} | "
-                     f"{fmt(r['vs_eager'], '7.2f')} {fmt(r['vs_compile'], '7.2f')}  "
-                     f"{r.get('target') or ''}")
+                     f"{fmt(r['vs_eager'], '7.2f')} {fmt(r['vs_compile'], '7.2f')} "
+                     f"{fmt((r.get('load_avg') or [None])[0], '5.2f')}  {r.get('target') or ''}")
         if "error" in r["python"]:
             lines.append(f"{'':52}n/a: {r['python']['error']}")
         elif r["graph"] and "error" in r["graph"]:
@@ -492,8 +562,7 @@ def table(result):
             if "error" in memory:
                 lines.append(f"{'':60}memory n/a: {memory['error']}")
     s = result["summary"]
-    lines += ["", f"targets: {s['passed']}/{s['checked']} PASS"
-              + ("" if meta["device_type"] == "cuda" else " (CPU: the model target only)")]
+    lines += ["", f"targets: {s['passed']}/{s['checked']} PASS"]
     lines += [f"  {m}" for m in s["misses"]]
     lines += ["", "time taken: " + ", ".join(f"{part} {s:.1f} s"
                                               for part, s in result["seconds"].items())]
@@ -530,7 +599,8 @@ def main(argv=None):
     stem = os.path.join(a.out_dir, meta["slug"] + ("-quick" if a.quick else "")
                         + (f"-{a.tag}" if a.tag else ""))
     result = {"meta": meta, "copy_bandwidth": bw, "ops": [], "model": [], "seconds": seconds,
-              "targets": {"model_max_vs_plain": MODEL_MAX_RATIO,
+              "targets": {"op_max_vs_best_peer": OP_MAX_VS_BEST_PEER,
+                          "model_max_vs_plain": MODEL_MAX_RATIO,
                           "model_target_batch": MODEL_TARGET_BATCH,
                           "op_min_frac_copy_gpu_only": OP_MIN_FRAC_COPY,
                           "op_min_vs_eager": OP_MIN_VS_EAGER,
@@ -548,7 +618,7 @@ def main(argv=None):
         save(result, stem)
     meta["load_avg_end"] = os.getloadavg()
     meta["cut_short"] = a.cut_short
-    result["summary"] = summarize(result["ops"], result["model"])
+    result["summary"] = summarize(meta, result["ops"], result["model"])
     seconds["total"] = time.perf_counter() - started
     save(result, stem)
     plot.write(result, stem + ".png")

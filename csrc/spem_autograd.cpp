@@ -28,6 +28,18 @@ ForwardResult call_forward(const at::Tensor& x, const at::Tensor& w1, const at::
   return op.call(x, w1, b1, w2, b2, p, residual, relu);
 }
 
+at::Tensor call_output(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                       const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& p,
+                       const std::optional<at::Tensor>& residual, bool relu) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("spem_native::spem_output", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const std::optional<at::Tensor>&, bool)>();
+  return op.call(x, w1, b1, w2, b2, p, residual, relu);
+}
+
 BackwardResult call_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& out,
                              const at::Tensor& stats, const at::Tensor& idx,
                              const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
@@ -186,9 +198,20 @@ at::Tensor spem_bn_inference(const at::Tensor& y, const std::optional<at::Tensor
                                      p, residual, training, momentum, eps, relu));
 }
 
+bool needs_grad(const at::Tensor& t) { return t.requires_grad() || t._fw_grad(0).defined(); }
+
+// A call whose output no gradient will be asked of (grad mode off, as under torch.no_grad, or
+// no input that wants one) runs spem_output: the forward without the stats and positions
+// that only a backward reads.
 at::Tensor spem_autograd(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
                          const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& p,
                          const std::optional<at::Tensor>& residual, bool relu) {
+  const bool any = needs_grad(x) || needs_grad(w1) || needs_grad(b1) || needs_grad(w2) ||
+                   needs_grad(b2) || needs_grad(p) || (residual && needs_grad(*residual));
+  if (!(any && at::GradMode::is_enabled())) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return call_output(x, w1, b1, w2, b2, p, residual, relu);
+  }
   return SpemFunction::apply(x, w1, b1, w2, b2, p, residual, relu);
 }
 
@@ -196,6 +219,14 @@ at::Tensor spem_autograd(const at::Tensor& x, const at::Tensor& w1, const at::Te
 at::Tensor spem_inference(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
                           const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& p,
                           const std::optional<at::Tensor>& residual, bool relu) {
+  return call_output(x, w1, b1, w2, b2, p, residual, relu);
+}
+
+// spem_output where a device has no kernel of its own (CUDA): the forward, stats dropped.
+at::Tensor spem_output_from_forward(const at::Tensor& x, const at::Tensor& w1,
+                                    const at::Tensor& b1, const at::Tensor& w2,
+                                    const at::Tensor& b2, const at::Tensor& p,
+                                    const std::optional<at::Tensor>& residual, bool relu) {
   return std::get<0>(call_forward(x, w1, b1, w2, b2, p, residual, relu));
 }
 
@@ -210,4 +241,5 @@ TORCH_LIBRARY_IMPL(spem_native, Autograd, m) {
 TORCH_LIBRARY_IMPL(spem_native, CompositeExplicitAutograd, m) {
   m.impl("spem", &spem_native::spem_inference);
   m.impl("spem_bn", &spem_native::spem_bn_inference);
+  m.impl("spem_output", &spem_native::spem_output_from_forward);
 }

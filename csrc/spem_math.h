@@ -19,6 +19,9 @@
 #include <math.h>
 #include <stdint.h>
 
+#include <type_traits>
+#include <utility>
+
 #ifdef __CUDACC__
 #define SPEM_HD __host__ __device__ __forceinline__
 #else
@@ -29,12 +32,70 @@ namespace spem_native {
 
 constexpr int kPartials = 5;  // per (n, c): dw1, db1, dw2, db2, dq0 - dq1 before the sums
 
+#ifdef __CUDACC__
 SPEM_HD float spem_exp(float v) { return expf(v); }
+#else
+template <typename To, typename From>
+inline To bit_as(const From& from) {
+  static_assert(sizeof(To) == sizeof(From), "bit_as keeps the size");
+  To to;
+  __builtin_memcpy(&to, &from, sizeof(to));
+  return to;
+}
+
+// The element type of a GCC/Clang vector, or the type itself for a scalar.
+template <typename F, typename = void>
+struct ElementOf {
+  using type = F;
+};
+template <typename F>
+struct ElementOf<F, std::void_t<decltype(std::declval<F>()[0])>> {
+  using type = std::remove_cv_t<std::remove_reference_t<decltype(std::declval<F>()[0])>>;
+};
+
+// e^x on the CPU for a float or a GCC/Clang vector of floats or doubles (the CPU kernels
+// compute many planes' gates and gradients at once in vectors): one definition, so that every
+// plane gets the same number whichever way it is computed. float32: Cody-Waite reduction
+// e^x = 2^n e^r with |r| <= ln2 / 2 and Cephes' expf polynomial for e^r, within 1 ulp of expf;
+// 2^n is applied in two factors so that overflow (inf), the subnormals and underflow (0) come
+// out right; NaN stays NaN. float64 (gradchecks): exp lane by lane.
+template <typename F>
+inline F spem_exp(F in) {
+  if constexpr (std::is_same<typename ElementOf<F>::type, double>::value) {
+    F out;
+    for (size_t l = 0; l < sizeof(F) / sizeof(double); ++l) out[l] = exp(in[l]);
+    return out;
+  } else {
+    // The integers of F's width: what F's compare gives.
+    using I = std::conditional_t<std::is_same<F, float>::value, int32_t, decltype(F{} < F{})>;
+    const F zero = F{};
+    const auto nan = in != in;  // a NaN goes through as 0 (no shift of garbage bits), comes out
+    F x = nan ? zero : in;
+    x = x > zero + 89.0f ? zero + 89.0f : x;
+    x = x < zero - 104.0f ? zero - 104.0f : x;
+    const F shift = zero + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer, n
+    const F t = x * 1.44269504088896341f + shift;
+    const F n = t - shift;
+    const F r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    F e = zero + 1.9875691500e-4f;
+    e = e * r + 1.3981999507e-3f;
+    e = e * r + 8.3334519073e-3f;
+    e = e * r + 4.1665795894e-2f;
+    e = e * r + 1.6666665459e-1f;
+    e = e * r + 5.0000001201e-1f;
+    e = e * r * r + r + 1.0f;
+    const I n_int = bit_as<I>(t) - bit_as<int32_t>(12582912.0f), half = n_int >> 1;
+    const F out = e * bit_as<F>((half + 127) << 23) * bit_as<F>((n_int - half + 127) << 23);
+    return nan ? in : out;
+  }
+}
+#endif
 SPEM_HD double spem_exp(double v) { return exp(v); }
 
+// For a scalar or (CPU) a vector of lanes: the constants broadcast.
 template <typename Acc>
 SPEM_HD Acc sigmoid(Acc v) {
-  return Acc(1) / (Acc(1) + spem_exp(-v));
+  return 1 / (1 + spem_exp(-v));
 }
 
 // One channel's parameters in the compute dtype; q0, q1 come from the shared pair p.
@@ -74,8 +135,8 @@ struct PlaneGrads {
 template <typename Acc>
 SPEM_HD PlaneGrads<Acc> plane_grads(Acc S, Acc M, Acc m, const ChannelParams<Acc>& c) {
   const Gate<Acc> t = plane_gate(M, m, c);
-  const Acc dZ = S * t.s1 * t.s2 * (Acc(1) - t.s2);
-  const Acc dU = S * t.s2 * t.s1 * (Acc(1) - t.s1);
+  const Acc dZ = S * t.s1 * t.s2 * (1 - t.s2);
+  const Acc dU = S * t.s2 * t.s1 * (1 - t.s1);
   const Acc dA = dU + dZ * c.w1 * c.q0;
   const Acc dB = dU + dZ * c.w1 * c.q1;
   return {t.s1 * t.s2, dA * c.w2, dB * c.w2,

@@ -221,11 +221,14 @@ BnForwardResult allocate_bn_forward(const at::Tensor& y) {
 }  // namespace spem_native
 
 TORCH_LIBRARY(spem_native, m) {
-  // The differentiable op (spem_autograd.cpp); the two below are its kernels.
+  // The differentiable op (spem_autograd.cpp); the three below are its kernels.
   m.def("spem(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor p, Tensor? residual, "
         "bool relu) -> Tensor");
   m.def("spem_forward(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor p, "
         "Tensor? residual, bool relu) -> (Tensor out, Tensor stats, Tensor idx)");
+  // The output alone, for a forward that no backward follows: no stats or positions.
+  m.def("spem_output(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor p, "
+        "Tensor? residual, bool relu) -> Tensor");
   m.def("spem_backward(Tensor grad, Tensor x, Tensor out, Tensor stats, Tensor idx, "
         "Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor p, bool relu, bool write_dres) "
         "-> (Tensor dx, Tensor dres, Tensor dw1, Tensor db1, Tensor dw2, Tensor db2, Tensor dp)");

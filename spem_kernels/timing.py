@@ -15,7 +15,8 @@ Triton's do_bench for graph replays (Triton is present wherever CUDA kernels run
   replays, rotating among the graphs, are timed by triton.testing.do_bench (L2 flushed
   before each); replaying a graph costs the host next to nothing.
 - time_interleaved: several workloads in interleaved rounds, the median round kept, so
-  that a burst of load on a shared machine hits all of them alike.
+  that a burst of load on a shared machine hits all of them alike (the report's op rows
+  time every implementation of a case this way).
 - dispatched_ops: the operations a call dispatches (its host cost, counted).
 - capture: the standard capture of a function in a CUDA graph (warm-up on a side stream,
   then record), kept together with what the graph reads; on_side_stream and record are its
@@ -167,13 +168,16 @@ def time_replays(calls, *, min_time_s=0.5, warmup=3):
 def time_interleaved(workloads, device, *, rounds, reps, warmup=3):
     """{name: Timing over rounds}: each round times `reps` calls of each workload in turn
     (time_calls, no warm-up after the first round); each workload's figure is the median
-    of its rounds' medians. `workloads` maps a name to its list of calls."""
+    of its rounds' medians. `workloads` maps a name to its list of calls; `reps` is one
+    count for all or {name: count}, so that a slow and a fast workload can each fill a
+    similar time per round."""
+    count = reps if isinstance(reps, dict) else dict.fromkeys(workloads, reps)
     per_round = {name: [] for name in workloads}
     for first in [True] + [False] * (rounds - 1):
         for name, calls in workloads.items():
-            t = time_calls(calls, device, reps=reps, warmup=warmup if first else 0)
+            t = time_calls(calls, device, reps=count[name], warmup=warmup if first else 0)
             per_round[name].append(t.median_ms)
-    return {name: _summary(ms, rounds * reps) for name, ms in per_round.items()}
+    return {name: _summary(ms, rounds * count[name]) for name, ms in per_round.items()}
 
 
 def dispatched_ops(fn):

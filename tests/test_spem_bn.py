@@ -16,7 +16,11 @@ from spem_kernels.cases import STAGES, stage_shape
 from spem_kernels.ops import spem_bn_backward, spem_bn_forward
 
 STAGE_SHAPES = [stage_shape(stage, batch=2) for stage in STAGES]
-ODD_SHAPES = [(3, 5, 1, 1), (2, 6, 7, 7), (2, 3, 13, 17)]
+# 1x1 planes at batch 8: BatchNorm's statistics over 8 values. (Over 3, as spem's matrix has
+# them, the variance is below 1% of its expected value about once in a hundred draws, and
+# normalising then amplifies float32 rounding past any tolerance that means something: the
+# float32 composition is as far off.)
+ODD_SHAPES = [(8, 5, 1, 1), (2, 6, 7, 7), (2, 3, 13, 17)]
 LARGE_PLANE = (2, 2, 100, 100)  # more than one tile holds: the kernels loop over the plane
 FULL_SHAPES = [stage_shape(stage) for stage in STAGES] if torch.cuda.is_available() else []
 LAYOUTS = ["contiguous", "channels_last", "sliced", "mixed"]

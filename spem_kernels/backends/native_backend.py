@@ -1,10 +1,12 @@
 """Native backend: the C++/CUDA kernels of csrc/ (built and loaded by native_build).
 
 The library registers the ops torch.ops.spem_native.spem_forward / spem_backward, whose
-arguments and results are this module's `forward` / `backward` (backends/contract.py), and
+arguments and results are this module's `forward` / `backward` (backends/contract.py),
+spem_native.spem_output (the output alone, for a forward no backward follows), and
 spem_native.spem, the differentiable op with its autograd in C++ (`differentiable`), which
-the eager call path uses: the cheapest on the host (see csrc/spem_autograd.cpp); and the same
-three for spem_bn (spem_bn_forward / spem_bn_backward / spem_bn).
+the eager call path uses: the cheapest on the host, and without a gradient to compute it runs
+spem_output (see csrc/spem_autograd.cpp); and the same for spem_bn (spem_bn_forward /
+spem_bn_backward / spem_bn).
 """
 import threading
 
@@ -29,6 +31,10 @@ def _register_fakes():
     @torch.library.register_fake("spem_native::spem_forward")
     def _(x, w1, b1, w2, b2, p, residual, relu):
         return forward_outputs(x)
+
+    @torch.library.register_fake("spem_native::spem_output")
+    def _(x, w1, b1, w2, b2, p, residual, relu):
+        return torch.empty_like(x)
 
     @torch.library.register_fake("spem_native::spem_backward")
     def _(grad, x, out, stats, idx, w1, b1, w2, b2, p, relu, write_dres):
@@ -82,7 +88,7 @@ def backward(grad, x, out, stats, idx, w1, b1, w2, b2, p, relu, write_dres):
 
 
 def output(x, w1, b1, w2, b2, p, residual, relu):
-    return forward(x, w1, b1, w2, b2, p, residual, relu)[0]
+    return _ops().spem_output.default(x, w1, b1, w2, b2, p, residual, relu)
 
 
 def bn_output(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p, residual,
