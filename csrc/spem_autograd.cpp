@@ -5,6 +5,8 @@
 // backward kernel gives every gradient in its final form, only the residual's is chosen here
 // (spem_bn's: ops.py's `_bn_gradients`).
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <algorithm>
+#include <initializer_list>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -176,28 +178,6 @@ class SpemBnFunction : public torch::autograd::Function<SpemBnFunction> {
   }
 };
 
-at::Tensor spem_bn_autograd(const at::Tensor& y, const std::optional<at::Tensor>& running_mean,
-                            const std::optional<at::Tensor>& running_var,
-                            const std::optional<at::Tensor>& weight,
-                            const std::optional<at::Tensor>& bias, const at::Tensor& w1,
-                            const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
-                            const at::Tensor& p, const std::optional<at::Tensor>& residual,
-                            bool training, double momentum, double eps, bool relu) {
-  return SpemBnFunction::apply(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p,
-                               residual, training, momentum, eps, relu);
-}
-
-at::Tensor spem_bn_inference(const at::Tensor& y, const std::optional<at::Tensor>& running_mean,
-                             const std::optional<at::Tensor>& running_var,
-                             const std::optional<at::Tensor>& weight,
-                             const std::optional<at::Tensor>& bias, const at::Tensor& w1,
-                             const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
-                             const at::Tensor& p, const std::optional<at::Tensor>& residual,
-                             bool training, double momentum, double eps, bool relu) {
-  return std::get<0>(call_bn_forward(y, running_mean, running_var, weight, bias, w1, b1, w2, b2,
-                                     p, residual, training, momentum, eps, relu));
-}
-
 bool needs_grad(const at::Tensor& t) { return t.requires_grad() || t._fw_grad(0).defined(); }
 
 // A call whose output no gradient will be asked of (grad mode off, as under torch.no_grad, or
@@ -222,13 +202,63 @@ at::Tensor spem_inference(const at::Tensor& x, const at::Tensor& w1, const at::T
   return call_output(x, w1, b1, w2, b2, p, residual, relu);
 }
 
-// spem_output where a device has no kernel of its own (CUDA): the forward, stats dropped.
-at::Tensor spem_output_from_forward(const at::Tensor& x, const at::Tensor& w1,
-                                    const at::Tensor& b1, const at::Tensor& w2,
-                                    const at::Tensor& b2, const at::Tensor& p,
-                                    const std::optional<at::Tensor>& residual, bool relu) {
-  return std::get<0>(call_forward(x, w1, b1, w2, b2, p, residual, relu));
+at::Tensor call_bn_output(const at::Tensor& y, const std::optional<at::Tensor>& running_mean,
+                          const std::optional<at::Tensor>& running_var,
+                          const std::optional<at::Tensor>& weight,
+                          const std::optional<at::Tensor>& bias, const at::Tensor& w1,
+                          const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+                          const at::Tensor& p, const std::optional<at::Tensor>& residual,
+                          bool training, double momentum, double eps, bool relu) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("spem_native::spem_bn_output", "")
+          .typed<at::Tensor(
+              const at::Tensor&, const std::optional<at::Tensor>&,
+              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+              const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+              const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const std::optional<at::Tensor>&, bool, double, double, bool)>();
+  return op.call(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p, residual,
+                 training, momentum, eps, relu);
 }
+
+bool any_needs_grad(std::initializer_list<const std::optional<at::Tensor>*> ts) {
+  return std::any_of(ts.begin(), ts.end(), [](const std::optional<at::Tensor>* t) {
+    return t->has_value() && (*t)->defined() && needs_grad(**t);
+  });
+}
+
+// As spem_autograd: without a gradient to compute, spem_bn_output (the running statistics
+// are still updated in training, as F.batch_norm does under torch.no_grad).
+at::Tensor spem_bn_autograd(const at::Tensor& y, const std::optional<at::Tensor>& running_mean,
+                            const std::optional<at::Tensor>& running_var,
+                            const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& w1,
+                            const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+                            const at::Tensor& p, const std::optional<at::Tensor>& residual,
+                            bool training, double momentum, double eps, bool relu) {
+  const bool any = needs_grad(y) || needs_grad(w1) || needs_grad(b1) || needs_grad(w2) ||
+                   needs_grad(b2) || needs_grad(p) || any_needs_grad({&weight, &bias, &residual});
+  if (!(any && at::GradMode::is_enabled())) {
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return call_bn_output(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p,
+                          residual, training, momentum, eps, relu);
+  }
+  return SpemBnFunction::apply(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p,
+                               residual, training, momentum, eps, relu);
+}
+
+at::Tensor spem_bn_inference(const at::Tensor& y, const std::optional<at::Tensor>& running_mean,
+                             const std::optional<at::Tensor>& running_var,
+                             const std::optional<at::Tensor>& weight,
+                             const std::optional<at::Tensor>& bias, const at::Tensor& w1,
+                             const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+                             const at::Tensor& p, const std::optional<at::Tensor>& residual,
+                             bool training, double momentum, double eps, bool relu) {
+  return call_bn_output(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p, residual,
+                        training, momentum, eps, relu);
+}
+
 
 }  // namespace
 }  // namespace spem_native
@@ -241,5 +271,4 @@ TORCH_LIBRARY_IMPL(spem_native, Autograd, m) {
 TORCH_LIBRARY_IMPL(spem_native, CompositeExplicitAutograd, m) {
   m.impl("spem", &spem_native::spem_inference);
   m.impl("spem_bn", &spem_native::spem_bn_inference);
-  m.impl("spem_output", &spem_native::spem_output_from_forward);
 }

@@ -155,6 +155,17 @@ BnForwardResult spem_bn_forward_cpu(const at::Tensor& y,
   return {out, stats, idx, mean, invstd};
 }
 
+at::Tensor spem_bn_output_cpu(const at::Tensor& y, const std::optional<at::Tensor>& running_mean,
+                              const std::optional<at::Tensor>& running_var,
+                              const std::optional<at::Tensor>& weight,
+                              const std::optional<at::Tensor>& bias, const at::Tensor& w1,
+                              const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+                              const at::Tensor& p, const std::optional<at::Tensor>& residual,
+                              bool training, double momentum, double eps, bool relu) {
+  return std::get<0>(spem_bn_forward_cpu(y, running_mean, running_var, weight, bias, w1, b1, w2,
+                                         b2, p, residual, training, momentum, eps, relu));
+}
+
 BnBackwardResult spem_bn_backward_cpu(const at::Tensor& grad, const at::Tensor& y,
                                       const at::Tensor& out, const at::Tensor& stats,
                                       const at::Tensor& idx, const at::Tensor& mean,
@@ -267,5 +278,6 @@ BnBackwardResult spem_bn_backward_cpu(const at::Tensor& grad, const at::Tensor& 
 
 TORCH_LIBRARY_IMPL(spem_native, CPU, m) {
   m.impl("spem_bn_forward", &spem_native::spem_bn_forward_cpu);
+  m.impl("spem_bn_output", &spem_native::spem_bn_output_cpu);
   m.impl("spem_bn_backward", &spem_native::spem_bn_backward_cpu);
 }

@@ -38,12 +38,18 @@ Strides strides_of(const at::Tensor& t) {
   return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
 
-ForwardResult spem_forward_cuda(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
-                                const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& p,
-                                const std::optional<at::Tensor>& residual, bool relu) {
-  check_forward(x, w1, b1, w2, b2, p, residual);
-  const c10::cuda::CUDAGuard guard(x.device());
-  auto [out, stats, idx] = allocate_forward(x);
+// An optional tensor's data: nullptr where it is absent (undefined).
+template <typename T>
+T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? data_of<T>(t) : nullptr;
+}
+
+// out = relu?(g x + residual), and each plane's stats and positions where stats and idx are
+// defined (undefined: the output alone, for a forward that no backward follows).
+void forward_into(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                  const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& p,
+                  const std::optional<at::Tensor>& residual, bool relu, const at::Tensor& out,
+                  const at::Tensor& stats, const at::Tensor& idx) {
   const auto acc = compute_dtype(x.scalar_type());
   const ParamTensors prm = compute_params(w1, b1, w2, b2, p, acc);
   const at::Tensor& res = residual.has_value() ? *residual : x;
@@ -54,11 +60,30 @@ ForwardResult spem_forward_cuda(const at::Tensor& x, const at::Tensor& w1, const
         data_of<const T>(x), residual.has_value() ? data_of<const T>(res) : nullptr,
         data_of<T>(out), strides_of(x), strides_of(res), strides_of(out),
         data_of<const Acc>(prm[0]), data_of<const Acc>(prm[1]), data_of<const Acc>(prm[2]),
-        data_of<const Acc>(prm[3]), data_of<const Acc>(prm[4]), data_of<Acc>(stats),
-        data_of<int32_t>(idx), x.size(0), x.size(1), x.size(2), x.size(3), relu};
+        data_of<const Acc>(prm[3]), data_of<const Acc>(prm[4]), data_or_null<Acc>(stats),
+        data_or_null<int32_t>(idx), x.size(0), x.size(1), x.size(2), x.size(3), relu};
     C10_CUDA_CHECK(launch_spem_forward(a, c10::cuda::getCurrentCUDAStream()));
   });
+}
+
+ForwardResult spem_forward_cuda(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                                const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& p,
+                                const std::optional<at::Tensor>& residual, bool relu) {
+  check_forward(x, w1, b1, w2, b2, p, residual);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto [out, stats, idx] = allocate_forward(x);
+  forward_into(x, w1, b1, w2, b2, p, residual, relu, out, stats, idx);
   return {out, stats, idx};
+}
+
+at::Tensor spem_output_cuda(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
+                            const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& p,
+                            const std::optional<at::Tensor>& residual, bool relu) {
+  check_forward(x, w1, b1, w2, b2, p, residual);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor out = at::empty_like(x);
+  forward_into(x, w1, b1, w2, b2, p, residual, relu, out, at::Tensor(), at::Tensor());
+  return out;
 }
 
 BackwardResult spem_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
@@ -101,26 +126,16 @@ BackwardResult spem_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
   return {dx, dres, dw1, db1, dw2, db2, dp};
 }
 
-// An optional tensor's data: nullptr where it is absent (undefined).
-template <typename T>
-T* data_or_null(const at::Tensor& t) {
-  return t.defined() ? data_of<T>(t) : nullptr;
-}
-
-BnForwardResult spem_bn_forward_cuda(const at::Tensor& y,
-                                     const std::optional<at::Tensor>& running_mean,
-                                     const std::optional<at::Tensor>& running_var,
-                                     const std::optional<at::Tensor>& weight,
-                                     const std::optional<at::Tensor>& bias, const at::Tensor& w1,
-                                     const at::Tensor& b1, const at::Tensor& w2,
-                                     const at::Tensor& b2, const at::Tensor& p,
-                                     const std::optional<at::Tensor>& residual, bool training,
-                                     double momentum, double eps, bool relu) {
-  check_bn_forward(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p, residual,
-                   training);
-  const c10::cuda::CUDAGuard guard(y.device());
-  auto [out, stats, idx, mean, invstd] = allocate_bn_forward(y);
-  if (y.numel() == 0) return {out, stats, idx, mean.zero_(), invstd.zero_()};
+// spem_bn's forward into out (and stats, idx where defined; see forward_into), mean, invstd.
+void bn_forward_into(const at::Tensor& y, const std::optional<at::Tensor>& running_mean,
+                     const std::optional<at::Tensor>& running_var,
+                     const std::optional<at::Tensor>& weight,
+                     const std::optional<at::Tensor>& bias, const at::Tensor& w1,
+                     const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+                     const at::Tensor& p, const std::optional<at::Tensor>& residual,
+                     bool training, double momentum, double eps, bool relu, const at::Tensor& out,
+                     const at::Tensor& stats, const at::Tensor& idx, const at::Tensor& mean,
+                     const at::Tensor& invstd) {
   const auto acc = compute_dtype(y.scalar_type());
   const ParamTensors prm = compute_params(w1, b1, w2, b2, p, acc);
   BnTensors bn = bn_tensors(running_mean, running_var, weight, bias, acc);
@@ -142,13 +157,50 @@ BnForwardResult spem_bn_forward_cuda(const at::Tensor& y,
         data_of<const T>(y), residual.has_value() ? data_of<const T>(res) : nullptr,
         data_of<T>(out), strides_of(y), strides_of(res), strides_of(out),
         data_of<const Acc>(prm[0]), data_of<const Acc>(prm[1]), data_of<const Acc>(prm[2]),
-        data_of<const Acc>(prm[3]), data_of<const Acc>(prm[4]), data_of<Acc>(stats),
-        data_of<int32_t>(idx), y.size(0), y.size(1), y.size(2), y.size(3), relu};
+        data_of<const Acc>(prm[3]), data_of<const Acc>(prm[4]), data_or_null<Acc>(stats),
+        data_or_null<int32_t>(idx), y.size(0), y.size(1), y.size(2), y.size(3), relu};
     f.affine = data_of<const Acc>(affine);
     C10_CUDA_CHECK(launch_spem_bn_forward(s, f, c10::cuda::getCurrentCUDAStream()));
   });
   if (training) bn.finish();
+}
+
+BnForwardResult spem_bn_forward_cuda(const at::Tensor& y,
+                                     const std::optional<at::Tensor>& running_mean,
+                                     const std::optional<at::Tensor>& running_var,
+                                     const std::optional<at::Tensor>& weight,
+                                     const std::optional<at::Tensor>& bias, const at::Tensor& w1,
+                                     const at::Tensor& b1, const at::Tensor& w2,
+                                     const at::Tensor& b2, const at::Tensor& p,
+                                     const std::optional<at::Tensor>& residual, bool training,
+                                     double momentum, double eps, bool relu) {
+  check_bn_forward(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p, residual,
+                   training);
+  const c10::cuda::CUDAGuard guard(y.device());
+  auto [out, stats, idx, mean, invstd] = allocate_bn_forward(y);
+  if (y.numel() == 0) return {out, stats, idx, mean.zero_(), invstd.zero_()};
+  bn_forward_into(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p, residual,
+                  training, momentum, eps, relu, out, stats, idx, mean, invstd);
   return {out, stats, idx, mean, invstd};
+}
+
+at::Tensor spem_bn_output_cuda(const at::Tensor& y, const std::optional<at::Tensor>& running_mean,
+                               const std::optional<at::Tensor>& running_var,
+                               const std::optional<at::Tensor>& weight,
+                               const std::optional<at::Tensor>& bias, const at::Tensor& w1,
+                               const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+                               const at::Tensor& p, const std::optional<at::Tensor>& residual,
+                               bool training, double momentum, double eps, bool relu) {
+  check_bn_forward(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p, residual,
+                   training);
+  const c10::cuda::CUDAGuard guard(y.device());
+  const at::Tensor out = at::empty_like(y);
+  if (y.numel() == 0) return out;
+  const at::Tensor channel = at::empty({2, y.size(1)}, y.options().dtype(compute_dtype(y.scalar_type())));
+  bn_forward_into(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p, residual,
+                  training, momentum, eps, relu, out, at::Tensor(), at::Tensor(), channel[0],
+                  channel[1]);
+  return out;
 }
 
 BnBackwardResult spem_bn_backward_cuda(const at::Tensor& grad, const at::Tensor& y,
@@ -216,6 +268,8 @@ BnBackwardResult spem_bn_backward_cuda(const at::Tensor& grad, const at::Tensor&
 TORCH_LIBRARY_IMPL(spem_native, CUDA, m) {
   m.impl("spem_forward", &spem_native::spem_forward_cuda);
   m.impl("spem_backward", &spem_native::spem_backward_cuda);
+  m.impl("spem_output", &spem_native::spem_output_cuda);
   m.impl("spem_bn_forward", &spem_native::spem_bn_forward_cuda);
+  m.impl("spem_bn_output", &spem_native::spem_bn_output_cuda);
   m.impl("spem_bn_backward", &spem_native::spem_bn_backward_cuda);
 }

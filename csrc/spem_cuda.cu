@@ -251,7 +251,8 @@ __global__ void __launch_bounds__(kThreads)
   e = group_reduce(e, group);
   const Acc* const prm[5] = {a.w1, a.b1, a.w2, a.b2, a.p};
   if (!active) return;  // no barrier follows
-  const Acc gate = finish_plane(e, prm, n, c, a.C, a.stats, a.idx, lane == 0);
+  const Acc gate = finish_plane(e, prm, n, c, a.C, a.stats, a.idx,
+                                lane == 0 && a.stats != nullptr);
   Acc g[VEC];
 #pragma unroll
   for (int j = 0; j < VEC; ++j) g[j] = gate;
@@ -295,7 +296,7 @@ __global__ void __launch_bounds__(kThreads)
   const Acc* const prm[5] = {a.w1, a.b1, a.w2, a.b2, a.p};
   if (threadIdx.x < kTile && c0 + threadIdx.x < a.C)
     gate[threadIdx.x] =
-        finish_plane(mine, prm, n, c0 + threadIdx.x, a.C, a.stats, a.idx, true);
+        finish_plane(mine, prm, n, c0 + threadIdx.x, a.C, a.stats, a.idx, a.stats != nullptr);
   __syncthreads();
   if (c >= a.C) return;
   Acc g[VEC];

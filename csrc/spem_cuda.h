@@ -23,7 +23,8 @@ struct ForwardArgs {
   T* out;
   Strides sx, sr, so;
   const Acc *w1, *b1, *w2, *b2, *p;  // contiguous: C, C, C, C and 2 values
-  Acc* stats;                        // (N, C, 2): max, min
+  Acc* stats;                        // (N, C, 2): max, min (nullptr: the output alone, for a
+                                     // forward that no backward follows)
   int32_t* idx;                      // (N, C, 2): their row-major positions
   int64_t N, C, H, W;
   bool relu;

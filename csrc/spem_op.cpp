@@ -236,6 +236,10 @@ TORCH_LIBRARY(spem_native, m) {
   m.def("spem_bn(Tensor y, Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? weight, "
         "Tensor? bias, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor p, Tensor? residual, "
         "bool training, float momentum, float eps, bool relu) -> Tensor");
+  // The output alone, for a forward that no backward follows (the statistics still updated).
+  m.def("spem_bn_output(Tensor y, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+        "Tensor? weight, Tensor? bias, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor p, "
+        "Tensor? residual, bool training, float momentum, float eps, bool relu) -> Tensor");
   m.def("spem_bn_forward(Tensor y, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
         "Tensor? weight, Tensor? bias, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor p, "
         "Tensor? residual, bool training, float momentum, float eps, bool relu) "
