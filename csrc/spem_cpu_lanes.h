@@ -14,6 +14,10 @@
 // settled by position, not by the order of merging.
 #pragma once
 
+// A vector argument wider than the target's registers (x86-64-v3 builds) only draws a note
+// about the calling convention; these functions are inlined into one library.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 #include <c10/util/BFloat16.h>
 
 #include <cmath>
@@ -23,10 +27,6 @@
 #include <utility>
 
 #include "spem_math.h"
-
-// A vector argument wider than the target's registers (x86-64-v3 builds) only draws a note
-// about the calling convention; these functions are inlined into one library.
-#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace spem_native {
 
