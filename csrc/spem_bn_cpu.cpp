@@ -1,13 +1,17 @@
 // CPU kernels of spem_bn: BatchNorm, then SPEM with the block tail (math: spem_bn_math.h,
-// spem_math.h, SPEM.md). The same structure as the CUDA and Triton kernels:
+// spem_math.h, SPEM.md). The same structure as the CUDA and Triton kernels, on the CPU
+// kernels' SIMD blocks and walks (spem_cpu_lanes.h, spem_cpu_walk.h):
 // - forward: per plane its mean and M2 (training); per channel the finalisation (mean,
-//   invstd, running statistics); per plane the fused pass (normalise, max/min, gate, tail);
+//   invstd, running statistics, x = y alpha + beta); then SPEM's own forward walk
+//   (spem_cpu_forward.h) with BatchNorm as its Norm: normalise, max/min, gate, tail;
 // - backward: per plane the reduction pass (sum G, sum G (y - mean) -> the SPEM partials and
 //   the plane sums of dx, dx (y - mean)); the sums over n, in order of n (parameter
 //   gradients, the writing pass's k2, k3); per plane the writing pass (dy, dresidual).
-// Every tensor is addressed through its own strides. Planes (n, c) are the parallel tasks;
-// sums over a plane run in a fixed order and the sums over n in order of n, so results do
-// not depend on the thread count.
+// Both passes walk plane-major (NCHW and anything else; the backward's reduction kLanes
+// planes at a time, folded so that the per-plane math runs in vectors) or channel-major
+// (channels_last: the lanes are channels). Every tensor is addressed through its own strides.
+// A plane's sums run in a fixed order and the sums over n in order of n, so results do not
+// depend on the thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -17,60 +21,173 @@
 #include <vector>
 
 #include "spem_bn_math.h"
+#include "spem_cpu_forward.h"
+#include "spem_cpu_lanes.h"
+#include "spem_cpu_walk.h"
 #include "spem_math.h"
 #include "spem_op.h"
 
 namespace spem_native {
 namespace {
 
-constexpr int64_t kTileElements = 1 << 15;  // per parallel task, about
-
-template <typename T>
-struct Plane {  // one plane (n, c) of a tensor: element p (row-major) at data[off(p)]
-  T* data;
-  int64_t sh, sw, W;
-  bool flat;
-  int64_t off(int64_t p) const { return flat ? p * sw : (p / W) * sh + (p % W) * sw; }
-  T& operator[](int64_t p) const { return data[off(p)]; }
-};
-
-template <typename T>
-Plane<T> plane_of(const at::Tensor& t, int64_t n, int64_t c) {
-  T* base = static_cast<T*>(t.data_ptr()) + n * t.stride(0) + c * t.stride(1);
-  const bool flat = t.size(2) == 1 || t.stride(2) == t.size(3) * t.stride(3);
-  return {base, t.stride(2), t.stride(3), t.size(3), flat};
-}
-
-// Runs f(n, c) for every plane, in parallel over planes.
-template <typename F>
-void for_each_plane(const at::Tensor& y, F&& f) {
-  const int64_t C = y.size(1), HW = y.size(2) * y.size(3);
-  const int64_t grain = std::max<int64_t>(1, kTileElements / std::max<int64_t>(HW, 1));
-  at::parallel_for(0, y.size(0) * C, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t nc = begin; nc < end; ++nc) f(nc / C, nc % C);
-  });
-}
-
-// sum over a plane of f(q), q = 0 .. HW - 1, in kLanes interleaved partial sums added in a
-// fixed order: the error of a sum of a plane of 1024 is ~kLanes times smaller than a serial
-// float32 sum's (and the compiler vectorises it).
-constexpr int kLanes = 16;
-
-template <typename Acc, typename F>
-Acc plane_sum(int64_t HW, F&& f) {
-  Acc lanes[kLanes] = {};
-  int64_t q = 0;
-  for (; q + kLanes <= HW; q += kLanes)
-    for (int l = 0; l < kLanes; ++l) lanes[l] += f(q + l);
-  for (; q < HW; ++q) lanes[q % kLanes] += f(q);
-  Acc sum = 0;
-  for (int l = 0; l < kLanes; ++l) sum += lanes[l];
-  return sum;
-}
-
 template <typename Acc>
 const Acc* data_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<Acc>() : nullptr;
+}
+
+// Lanes c0 .. c0 + count - 1 of a per-channel vector (the others 0).
+template <typename Acc>
+Vec<Acc> channel_lanes(const Acc* v, int64_t c0, int64_t count) {
+  Vec<Acc> out{};
+  for (int64_t j = 0; j < count; ++j) out[j] = v[c0 + j];
+  return out;
+}
+
+// Lane j: v[(nc0 + j) % C], the channel of plane nc0 + j.
+template <typename Acc>
+Vec<Acc> plane_lanes(const Acc* v, int64_t nc0, int64_t C) {
+  Vec<Acc> out;
+  for (int64_t j = 0, c = nc0 % C; j < kLanes; ++j, c = c + 1 == C ? 0 : c + 1) out[j] = v[c];
+  return out;
+}
+
+// BatchNorm as the Norm of SPEM's forward walk: x = y alpha[c] + beta[c].
+template <typename Acc>
+struct BnNorm {
+  const Acc *alpha, *beta;
+  Affine<Acc> plane(int64_t c) const { return {alpha[c], beta[c]}; }
+  template <typename A>
+  Affine<Vec<A>> lanes(int64_t c0, int64_t count) const {
+    return {channel_lanes(alpha, c0, count), channel_lanes(beta, c0, count)};
+  }
+};
+
+// (v - mu)^2: mu one plane's mean, or a vector of channels' means (lane(l): lane l's map).
+template <typename A>
+struct SquaredDeviation {
+  A mu;
+  template <typename V>
+  V operator()(V v) const {
+    const V d = v - mu;
+    return d * d;
+  }
+  SquaredDeviation<typename ElementOf<A>::type> lane(int l) const { return {mu[l]}; }
+};
+
+// --- forward: the planes' mean and M2 (training) ---
+
+template <typename T, typename Acc, bool Unit>
+void moments_plane_major(const at::Tensor& y_t, Acc* mean, Acc* m2) {
+  const int64_t C = y_t.size(1), HW = y_t.size(2) * y_t.size(3);
+  const Rows walk = plane_rows({y_t});
+  const View<const T> y(y_t);
+  const int64_t grain = std::max<int64_t>(kLanes, kTileElements / HW);
+  at::parallel_for(0, y_t.size(0) * C, grain, [&](int64_t begin, int64_t end) {
+    PlaneIndex at(begin, C);
+    for (int64_t nc = begin; nc < end; ++nc, at.next(C)) {
+      const T* p = y.plane(at.n, at.c);
+      Vec<Acc> s{};
+      for (int64_t row = 0; row < walk.rows; ++row)
+        sum_row<Unit, T, Acc>(p + row * y.sh, y.sw, walk.len, s);
+      const Acc mu = sum_lanes<Acc>(s) / Acc(HW);
+      Vec<Acc> q{};  // the plane is in L1: a second pass, no cancellation
+      for (int64_t row = 0; row < walk.rows; ++row)
+        sum_row<Unit, T, Acc>(p + row * y.sh, y.sw, walk.len, q, SquaredDeviation<Acc>{mu});
+      mean[nc] = mu, m2[nc] = sum_lanes<Acc>(q);
+    }
+  });
+}
+
+// Over (n, block of channels): lane j of group k is channel c0 + k kLanes + j, summed over
+// the plane's positions in order; the block stays in L2 for the second pass.
+template <typename T, typename Acc, bool Unit, typename F>
+void channel_sums(const View<const T>& y, int64_t n, int64_t c0, int64_t cb, int64_t H,
+                  int64_t W, Vec<Acc>* sums, F group_map) {
+  const int64_t full = cb / kLanes, used = (cb + kLanes - 1) / kLanes;
+  const int64_t sc = Unit ? 1 : y.sc;
+  std::fill(sums, sums + used, Vec<Acc>{});
+  const T* yp = y.plane(n, c0);
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t w = 0; w < W; ++w) {
+      const T* row = yp + h * y.sh + w * y.sw;
+      for (int64_t k = 0; k < full; ++k)
+        sums[k] += group_map(k)(load<Acc, Unit>(row + k * kLanes * sc, sc));
+      for (int64_t j = full * kLanes; j < cb; ++j)
+        sums[full][j % kLanes] += group_map(full).lane(j % kLanes)(static_cast<Acc>(row[j * sc]));
+    }
+}
+
+template <typename T, typename Acc, bool Unit>
+void moments_channel_major(const at::Tensor& y_t, Acc* mean, Acc* m2) {
+  const int64_t N = y_t.size(0), C = y_t.size(1), H = y_t.size(2), W = y_t.size(3);
+  const int64_t block = channel_block(C, H * W), blocks = (C + block - 1) / block;
+  const View<const T> y(y_t);
+  at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+    Vec<Acc> sums[kMaxChannelBlock / kLanes], mu[kMaxChannelBlock / kLanes];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / blocks, c0 = task % blocks * block;
+      const int64_t cb = std::min(block, C - c0), used = (cb + kLanes - 1) / kLanes;
+      channel_sums<T, Acc, Unit>(y, n, c0, cb, H, W, sums, [](int64_t) { return Identity(); });
+      for (int64_t k = 0; k < used; ++k) mu[k] = sums[k] / Acc(H * W);
+      channel_sums<T, Acc, Unit>(y, n, c0, cb, H, W, sums,
+                                 [&](int64_t k) { return SquaredDeviation<Vec<Acc>>{mu[k]}; });
+      for (int64_t j = 0; j < cb; ++j) {
+        mean[n * C + c0 + j] = mu[j / kLanes][j % kLanes];
+        m2[n * C + c0 + j] = sums[j / kLanes][j % kLanes];
+      }
+    }
+  });
+}
+
+// Per channel: mean and invstd (training: from the planes' moments, updating the running
+// statistics), and alpha, beta of x = y alpha + beta.
+template <typename Acc>
+void finalize_channels(const Acc* plane_mean, const Acc* plane_m2, int64_t N, int64_t C,
+                       int64_t HW, bool training, double momentum, double eps,
+                       const BnTensors& bn, Acc* mean, Acc* invstd, Acc* alpha, Acc* beta) {
+  Acc* r_mean = bn.running_mean.defined() ? bn.running_mean.data_ptr<Acc>() : nullptr;
+  Acc* r_var = bn.running_var.defined() ? bn.running_var.data_ptr<Acc>() : nullptr;
+  at::parallel_for(0, C, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      finalize_channel(plane_mean, plane_m2, N, C, HW, c, training, Acc(momentum), Acc(eps),
+                       r_mean, r_var, mean, invstd);
+      const ChannelNorm<Acc> k = channel_norm<Acc>(mean, invstd, data_or_null<Acc>(bn.weight),
+                                                   data_or_null<Acc>(bn.bias), c);
+      alpha[c] = k.alpha, beta[c] = k.beta;
+    }
+  });
+}
+
+// The forward: BatchNorm's statistics, then SPEM's forward walk of x = y alpha + beta (Track:
+// storing the planes' stats and positions for the backward).
+template <bool Track>
+void bn_forward_cpu(const at::Tensor& y, const BnTensors& bn, const ParamTensors& prm,
+                    const std::optional<at::Tensor>& residual, bool training, double momentum,
+                    double eps, bool relu, const at::Tensor& out, const at::Tensor& stats,
+                    const at::Tensor& idx, const at::Tensor& mean, const at::Tensor& invstd) {
+  const int64_t N = y.size(0), C = y.size(1), HW = y.size(2) * y.size(3);
+  const bool by_channel = channel_major(y);
+  const bool unit = unit_stride({y}, by_channel ? 1 : 3);
+  at::Tensor alpha = at::empty({C}, mean.options()), beta = at::empty({C}, mean.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "spem_bn_moments", [&] {
+    using T = scalar_t;
+    using Acc = at::opmath_type<T>;
+    std::vector<Acc> moments(training ? 2 * N * C : 0);
+    if (training)
+      with_bool(unit, [&](auto U) {
+        if (by_channel)
+          moments_channel_major<T, Acc, U>(y, moments.data(), moments.data() + N * C);
+        else
+          moments_plane_major<T, Acc, U>(y, moments.data(), moments.data() + N * C);
+      });
+    finalize_channels(moments.data(), moments.data() + N * C, N, C, HW, training, momentum,
+                      eps, bn, mean.data_ptr<Acc>(), invstd.data_ptr<Acc>(),
+                      alpha.data_ptr<Acc>(), beta.data_ptr<Acc>());
+  });
+  forward_walk<Track>(y, prm, residual, relu, out, stats, idx, [&](auto zero) {
+    using Acc = decltype(zero);
+    return BnNorm<Acc>{alpha.data_ptr<Acc>(), beta.data_ptr<Acc>()};
+  });
 }
 
 BnForwardResult spem_bn_forward_cpu(const at::Tensor& y,
@@ -86,71 +203,11 @@ BnForwardResult spem_bn_forward_cpu(const at::Tensor& y,
                    training);
   auto [out, stats, idx, mean, invstd] = allocate_bn_forward(y);
   if (y.numel() == 0) return {out, stats, idx, mean.zero_(), invstd.zero_()};
-  const int64_t N = y.size(0), C = y.size(1), HW = y.size(2) * y.size(3);
+  prefer_huge_pages(out);
   const auto acc = compute_dtype(y.scalar_type());
-  const ParamTensors prm = compute_params(w1, b1, w2, b2, p, acc);
   BnTensors bn = bn_tensors(running_mean, running_var, weight, bias, acc);
-  const bool has_res = residual.has_value();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "spem_bn_forward_cpu", [&] {
-    using T = scalar_t;
-    using Acc = at::opmath_type<T>;
-    std::vector<Acc> plane_stats(training ? 2 * N * C : 0);
-    if (training)
-      for_each_plane(y, [&](int64_t n, int64_t c) {
-        const Plane<const T> yp = plane_of<const T>(y, n, c);
-        const Acc mu =
-            plane_sum<Acc>(HW, [&](int64_t q) { return static_cast<Acc>(yp[q]); }) / Acc(HW);
-        const Acc m2 = plane_sum<Acc>(HW, [&](int64_t q) {
-          const Acc d = static_cast<Acc>(yp[q]) - mu;
-          return d * d;
-        });
-        plane_stats[n * C + c] = mu;
-        plane_stats[(N + n) * C + c] = m2;
-      });
-    Acc* mean_d = mean.data_ptr<Acc>();
-    Acc* invstd_d = invstd.data_ptr<Acc>();
-    Acc* r_mean = bn.running_mean.defined() ? bn.running_mean.data_ptr<Acc>() : nullptr;
-    Acc* r_var = bn.running_var.defined() ? bn.running_var.data_ptr<Acc>() : nullptr;
-    std::vector<Acc> alpha(C), beta(C);
-    at::parallel_for(0, C, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        finalize_channel(plane_stats.data(), plane_stats.data() + N * C, N, C, HW, c, training,
-                         Acc(momentum), Acc(eps), r_mean, r_var, mean_d, invstd_d);
-        const ChannelNorm<Acc> k = channel_norm<Acc>(mean_d, invstd_d, data_or_null<Acc>(bn.weight),
-                                                     data_or_null<Acc>(bn.bias), c);
-        alpha[c] = k.alpha, beta[c] = k.beta;
-      }
-    });
-    const Acc* P[5] = {prm[0].data_ptr<Acc>(), prm[1].data_ptr<Acc>(), prm[2].data_ptr<Acc>(),
-                       prm[3].data_ptr<Acc>(), prm[4].data_ptr<Acc>()};
-    Acc* stats_d = stats.data_ptr<Acc>();
-    int32_t* idx_d = idx.data_ptr<int32_t>();
-    for_each_plane(y, [&](int64_t n, int64_t c) {
-      const Plane<const T> yp = plane_of<const T>(y, n, c);
-      const Acc a = alpha[c], b = beta[c];
-      Extremes<Acc> e = Extremes<Acc>::empty();
-      for (int64_t q = 0; q < HW; ++q) e.add(static_cast<Acc>(yp[q]) * a + b, int32_t(q));
-      const int64_t nc = n * C + c;
-      const Acc M = e.nan ? Acc(NAN) : e.max, m = e.nan ? Acc(NAN) : e.min;
-      stats_d[2 * nc] = M, stats_d[2 * nc + 1] = m;
-      idx_d[2 * nc] = e.imax, idx_d[2 * nc + 1] = e.imin;
-      const Gate<Acc> t = plane_gate(M, m, load_params(P[0], P[1], P[2], P[3], P[4], c));
-      const Acc g = t.s1 * t.s2;
-      const Plane<T> op = plane_of<T>(out, n, c);
-      if (has_res) {
-        const Plane<const T> rp = plane_of<const T>(*residual, n, c);
-        for (int64_t q = 0; q < HW; ++q) {
-          Acc v = g * (static_cast<Acc>(yp[q]) * a + b) + static_cast<Acc>(rp[q]);
-          op[q] = static_cast<T>(relu && v < 0 ? Acc(0) : v);  // keeps NaN
-        }
-      } else {
-        for (int64_t q = 0; q < HW; ++q) {
-          Acc v = g * (static_cast<Acc>(yp[q]) * a + b);
-          op[q] = static_cast<T>(relu && v < 0 ? Acc(0) : v);
-        }
-      }
-    });
-  });
+  bn_forward_cpu<true>(y, bn, compute_params(w1, b1, w2, b2, p, acc), residual, training,
+                       momentum, eps, relu, out, stats, idx, mean, invstd);
   if (training) bn.finish();
   return {out, stats, idx, mean, invstd};
 }
@@ -162,8 +219,277 @@ at::Tensor spem_bn_output_cpu(const at::Tensor& y, const std::optional<at::Tenso
                               const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
                               const at::Tensor& p, const std::optional<at::Tensor>& residual,
                               bool training, double momentum, double eps, bool relu) {
-  return std::get<0>(spem_bn_forward_cpu(y, running_mean, running_var, weight, bias, w1, b1, w2,
-                                         b2, p, residual, training, momentum, eps, relu));
+  check_bn_forward(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p, residual,
+                   training);
+  at::Tensor out = at::empty_like(y);
+  if (y.numel() == 0) return out;
+  prefer_huge_pages(out);
+  const auto acc = compute_dtype(y.scalar_type());
+  BnTensors bn = bn_tensors(running_mean, running_var, weight, bias, acc);
+  const at::Tensor mean = at::empty({y.size(1)}, y.options().dtype(acc));
+  bn_forward_cpu<false>(y, bn, compute_params(w1, b1, w2, b2, p, acc), residual, training,
+                        momentum, eps, relu, out, at::Tensor(), at::Tensor(), mean,
+                        at::empty_like(mean));
+  if (training) bn.finish();
+  return out;
+}
+
+// --- backward ---
+
+template <typename T>
+struct BnBackwardViews {
+  View<const T> grad, y, out;
+  View<T> dy, dres;
+};
+
+// What both passes of the backward read: per channel mean, invstd and BatchNorm's affine
+// parameters, per plane the forward's stats and positions, and the (N, C) planes of scratch
+// (spem_bn_math.h: kBnPlanes).
+template <typename T, typename Acc, bool Relu>
+struct BnBackward {
+  const BnBackwardViews<T>& v;
+  const Acc *mean, *invstd, *weight, *bias, *stats;
+  const int32_t* idx;
+  Acc* part;
+  Params<Acc> prm;
+  int64_t NC, C, W;
+
+  // y - mean at plane (n, c)'s position pos.
+  Acc deviation(int64_t n, int64_t c, int32_t pos) const {
+    return static_cast<Acc>(v.y.at(n, c, pos / W, pos % W)) - mean[c];
+  }
+
+  // Planes nc0 .. nc0 + count - 1 in lanes 0 .. count - 1 (their channels: channel_of(j)),
+  // from their sums SG and SD: the SPEM partials, the plane sums of dx and dx (y - mean), and
+  // g, dM, dm for the writing pass, stored in the scratch.
+  template <typename ChannelOf>
+  void plane_grads_of(const Vec<Acc>& SG, const Vec<Acc>& SD, int64_t nc0, int count,
+                      ChannelOf channel_of) const {
+    Vec<Acc> alpha{}, b{}, M{}, m{}, dev_max{}, dev_min{};
+    for (int j = 0; j < count; ++j) {
+      const int64_t nc = nc0 + j, c = channel_of(j), n = nc / C;
+      const ChannelNorm<Acc> k = channel_norm(mean, invstd, weight, bias, c);
+      alpha[j] = k.alpha, b[j] = k.bias;
+      M[j] = stats[2 * nc], m[j] = stats[2 * nc + 1];
+      dev_max[j] = deviation(n, c, idx[2 * nc]);
+      dev_min[j] = deviation(n, c, idx[2 * nc + 1]);
+    }
+    const PlaneGrads<Vec<Acc>> pg = plane_grads(alpha * SD + b * SG, M, m, prm.lanes(nc0, C));
+    Vec<Acc> sum_dx, sum_dx_dev;
+    bn_plane_sums(pg, SG, SD, dev_max, dev_min, &sum_dx, &sum_dx_dev);
+    for (int j = 0; j < count; ++j) {
+      const int64_t nc = nc0 + j;
+      for (int k = 0; k < kPartials; ++k) part[k * NC + nc] = pg.part[k][j];
+      part[kBnSumDx * NC + nc] = sum_dx[j];
+      part[kBnSumDxDev * NC + nc] = sum_dx_dev[j];
+      part[kBnGate * NC + nc] = pg.g[j];
+      part[(kBnGate + 1) * NC + nc] = pg.dM[j];
+      part[(kBnGate + 2) * NC + nc] = pg.dm[j];
+    }
+  }
+
+  // Plane (n, c)'s dy at its max's and min's positions, recomputed with dM, dm added (in the
+  // order of the other kernels: G g, + dM, + dm; then BatchNorm's backward, rounded once).
+  void add_extremes(int64_t n, int64_t c, Acc k2, Acc k3) const {
+    const int64_t nc = n * C + c;
+    const int32_t imax = idx[2 * nc], imin = idx[2 * nc + 1];
+    const ChannelNorm<Acc> k = channel_norm(mean, invstd, weight, bias, c);
+    auto fix = [&](int32_t pos) {
+      const int64_t h = pos / W, w = pos % W;
+      const Acc o = Relu ? static_cast<Acc>(v.out.at(n, c, h, w)) : Acc(0);
+      Acc d = relu_grad<Relu>(static_cast<Acc>(v.grad.at(n, c, h, w)), o) * part[kBnGate * NC + nc];
+      if (pos == imax) d += part[(kBnGate + 1) * NC + nc];
+      if (pos == imin) d += part[(kBnGate + 2) * NC + nc];
+      v.dy.at(n, c, h, w) = static_cast<T>(k.alpha * (d - k2 - deviation(n, c, pos) * k3));
+    };
+    fix(imax);
+    if (imin != imax) fix(imin);
+  }
+};
+
+// SG += G, SD += G (y - mu) over one row (G: grad through the ReLU). Element i goes to lane
+// i % kLanes of sums [k], k = 0 for a plane's row, i / kLanes for a channel-major row (whose
+// element i is channel i: ByChannel); mu(k): the mean of the lanes of sums [k].
+template <bool Unit, bool Relu, bool ByChannel, typename T, typename Acc, typename Mu>
+void bn_sums_row(const T* grad, int64_t sg, const T* out, int64_t so, const T* y, int64_t sy,
+                 int64_t len, Mu mu, Vec<Acc>* SG, Vec<Acc>* SD) {
+  using V = Vec<Acc>;
+  if (Unit) sg = so = sy = 1;
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes) {
+    const int64_t k = ByChannel ? i / kLanes : 0;
+    const V o = Relu ? load<Acc, Unit>(out + i * so, so) : V{};
+    const V G = relu_grad<Relu>(load<Acc, Unit>(grad + i * sg, sg), o);
+    SG[k] += G;
+    SD[k] += G * (load<Acc, Unit>(y + i * sy, sy) - mu(k));
+  }
+  for (; i < len; ++i) {
+    const int64_t k = ByChannel ? i / kLanes : 0;
+    const Acc o = Relu ? static_cast<Acc>(out[i * so]) : Acc(0);
+    const Acc G = relu_grad<Relu>(static_cast<Acc>(grad[i * sg]), o);
+    SG[k][i % kLanes] += G;
+    SD[k][i % kLanes] += G * (static_cast<Acc>(y[i * sy]) - mu(k)[i % kLanes]);
+  }
+}
+
+// dy = alpha (G g - k2 - (y - mean) k3) and dres = G over one row (the extremes are fixed
+// afterwards); coef(i): the coefficients of elements i .. i + kLanes - 1 as vectors.
+template <typename V>
+struct BnRowCoef {
+  V g, alpha, k2, k3, mean;
+  BnRowCoef<typename ElementOf<V>::type> lane(int l) const {
+    return {g[l], alpha[l], k2[l], k3[l], mean[l]};
+  }
+  template <typename U>
+  U dy(U G, U y) const {
+    return alpha * (G * g - k2 - (y - mean) * k3);
+  }
+};
+
+template <bool Unit, bool Relu, bool WriteDres, typename T, typename Acc, typename Coef>
+void bn_input_grad_row(const T* grad, int64_t sg, const T* out, int64_t so, const T* y,
+                       int64_t sy, T* dy, int64_t sd, T* dres, int64_t sdr, int64_t len,
+                       Coef coef) {
+  using V = Vec<Acc>;
+  if (Unit) sg = so = sy = sd = sdr = 1;
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes) {
+    const V o = Relu ? load<Acc, Unit>(out + i * so, so) : V{};
+    const V G = relu_grad<Relu>(load<Acc, Unit>(grad + i * sg, sg), o);
+    store<Unit>(dy + i * sd, sd, coef(i).dy(G, load<Acc, Unit>(y + i * sy, sy)));
+    if (WriteDres) store<Unit>(dres + i * sdr, sdr, G);
+  }
+  for (; i < len; ++i) {
+    const Acc o = Relu ? static_cast<Acc>(out[i * so]) : Acc(0);
+    const Acc G = relu_grad<Relu>(static_cast<Acc>(grad[i * sg]), o);
+    dy[i * sd] = static_cast<T>(coef(i).lane(i % kLanes).dy(G, static_cast<Acc>(y[i * sy])));
+    if (WriteDres) dres[i * sdr] = static_cast<T>(G);
+  }
+}
+
+// The reduction pass, plane-major: kLanes planes at a time, their sums folded into lanes.
+template <typename T, typename Acc, bool Unit, bool Relu>
+void reduce_plane_major(const std::vector<at::Tensor>& ts, const BnBackward<T, Acc, Relu>& b) {
+  const auto& v = b.v;
+  const int64_t C = b.C, HW = ts[1].size(2) * ts[1].size(3);
+  const Rows walk = plane_rows(ts);
+  const int64_t grain = std::max<int64_t>(kLanes, kTileElements / HW);
+  at::parallel_for(0, b.NC, grain, [&](int64_t begin, int64_t end) {
+    Vec<Acc> SG[kLanes], SD[kLanes];
+    for (int64_t nc0 = begin; nc0 < end; nc0 += kLanes) {
+      const int count = static_cast<int>(std::min<int64_t>(kLanes, end - nc0));
+      PlaneIndex at(nc0, C);
+      for (int j = 0; j < count; ++j, at.next(C)) {
+        SG[j] = SD[j] = Vec<Acc>{};
+        const Vec<Acc> mu = Vec<Acc>{} + b.mean[at.c];
+        for (int64_t row = 0; row < walk.rows; ++row)
+          bn_sums_row<Unit, Relu, false, T, Acc>(
+              v.grad.plane(at.n, at.c) + row * v.grad.sh, v.grad.sw,
+              v.out.plane(at.n, at.c) + row * v.out.sh, v.out.sw,
+              v.y.plane(at.n, at.c) + row * v.y.sh, v.y.sw, walk.len,
+              [&](int64_t) { return mu; }, SG + j, SD + j);
+      }
+      std::fill(SG + count, SG + kLanes, Vec<Acc>{});
+      std::fill(SD + count, SD + kLanes, Vec<Acc>{});
+      const Vec<Acc> sg = fold_sums<Acc>(SG), sd = fold_sums<Acc>(SD);
+      b.plane_grads_of(sg, sd, nc0, count, [&](int j) { return (nc0 + j) % C; });
+    }
+  });
+}
+
+// The reduction pass, channel-major: over (n, block of channels), the lanes are channels.
+template <typename T, typename Acc, bool Unit, bool Relu>
+void reduce_channel_major(const std::vector<at::Tensor>& ts, const BnBackward<T, Acc, Relu>& b) {
+  const auto& v = b.v;
+  const int64_t N = ts[1].size(0), C = b.C, H = ts[1].size(2), W = ts[1].size(3);
+  const int64_t block = channel_block(C, H * W), blocks = (C + block - 1) / block;
+  at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+    Vec<Acc> SG[kMaxChannelBlock / kLanes], SD[kMaxChannelBlock / kLanes],
+        mu[kMaxChannelBlock / kLanes];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / blocks, c0 = task % blocks * block;
+      const int64_t cb = std::min(block, C - c0), used = (cb + kLanes - 1) / kLanes;
+      for (int64_t k = 0; k < used; ++k) {
+        SG[k] = SD[k] = Vec<Acc>{};
+        mu[k] = channel_lanes(b.mean, c0 + k * kLanes, std::min<int64_t>(kLanes, cb - k * kLanes));
+      }
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t w = 0; w < W; ++w)
+          bn_sums_row<Unit, Relu, true, T, Acc>(
+              v.grad.plane(n, c0) + h * v.grad.sh + w * v.grad.sw, v.grad.sc,
+              v.out.plane(n, c0) + h * v.out.sh + w * v.out.sw, v.out.sc,
+              v.y.plane(n, c0) + h * v.y.sh + w * v.y.sw, v.y.sc, cb,
+              [&](int64_t k) { return mu[k]; }, SG, SD);
+      for (int64_t k = 0; k < used; ++k)
+        b.plane_grads_of(SG[k], SD[k], n * C + c0 + k * kLanes,
+                         static_cast<int>(std::min<int64_t>(kLanes, cb - k * kLanes)),
+                         [&](int j) { return c0 + k * kLanes + j; });
+    }
+  });
+}
+
+// The writing pass, plane-major: each plane with its own coefficients.
+template <typename T, typename Acc, bool Unit, bool Relu, bool WriteDres>
+void write_plane_major(const std::vector<at::Tensor>& ts, const BnBackward<T, Acc, Relu>& b,
+                       const Acc* k2, const Acc* k3) {
+  const auto& v = b.v;
+  const int64_t C = b.C, HW = ts[1].size(2) * ts[1].size(3);
+  const Rows walk = plane_rows(ts);
+  const int64_t grain = std::max<int64_t>(1, kTileElements / HW);
+  at::parallel_for(0, b.NC, grain, [&](int64_t begin, int64_t end) {
+    PlaneIndex at(begin, C);
+    for (int64_t nc = begin; nc < end; ++nc, at.next(C)) {
+      const int64_t n = at.n, c = at.c;
+      const ChannelNorm<Acc> k = channel_norm(b.mean, b.invstd, b.weight, b.bias, c);
+      const BnRowCoef<Vec<Acc>> coef{Vec<Acc>{} + b.part[kBnGate * b.NC + nc],
+                                     Vec<Acc>{} + k.alpha, Vec<Acc>{} + k2[c],
+                                     Vec<Acc>{} + k3[c], Vec<Acc>{} + k.mean};
+      for (int64_t row = 0; row < walk.rows; ++row)
+        bn_input_grad_row<Unit, Relu, WriteDres, T, Acc>(
+            v.grad.plane(n, c) + row * v.grad.sh, v.grad.sw,
+            v.out.plane(n, c) + row * v.out.sh, v.out.sw, v.y.plane(n, c) + row * v.y.sh,
+            v.y.sw, v.dy.plane(n, c) + row * v.dy.sh, v.dy.sw,
+            v.dres.plane(n, c) + row * v.dres.sh, v.dres.sw, walk.len,
+            [&](int64_t) { return coef; });
+      b.add_extremes(n, c, k2[c], k3[c]);
+    }
+  });
+}
+
+// The writing pass, channel-major: per (n, block of channels), coefficients per lane.
+template <typename T, typename Acc, bool Unit, bool Relu, bool WriteDres>
+void write_channel_major(const std::vector<at::Tensor>& ts, const BnBackward<T, Acc, Relu>& b,
+                         const Acc* k2, const Acc* k3) {
+  const auto& v = b.v;
+  const int64_t N = ts[1].size(0), C = b.C, H = ts[1].size(2), W = ts[1].size(3);
+  const int64_t block = channel_block(C, H * W), blocks = (C + block - 1) / block;
+  at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+    BnRowCoef<Vec<Acc>> coef[kMaxChannelBlock / kLanes];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / blocks, c0 = task % blocks * block;
+      const int64_t cb = std::min(block, C - c0), used = (cb + kLanes - 1) / kLanes;
+      for (int64_t k = 0; k < used; ++k) {
+        coef[k] = BnRowCoef<Vec<Acc>>{Vec<Acc>{}, Vec<Acc>{}, Vec<Acc>{}, Vec<Acc>{}, Vec<Acc>{}};
+        for (int64_t j = 0; j < std::min<int64_t>(kLanes, cb - k * kLanes); ++j) {
+          const int64_t c = c0 + k * kLanes + j;
+          const ChannelNorm<Acc> cn = channel_norm(b.mean, b.invstd, b.weight, b.bias, c);
+          coef[k].g[j] = b.part[kBnGate * b.NC + n * C + c];
+          coef[k].alpha[j] = cn.alpha, coef[k].k2[j] = k2[c], coef[k].k3[j] = k3[c];
+          coef[k].mean[j] = cn.mean;
+        }
+      }
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t w = 0; w < W; ++w)
+          bn_input_grad_row<Unit, Relu, WriteDres, T, Acc>(
+              v.grad.plane(n, c0) + h * v.grad.sh + w * v.grad.sw, v.grad.sc,
+              v.out.plane(n, c0) + h * v.out.sh + w * v.out.sw, v.out.sc,
+              v.y.plane(n, c0) + h * v.y.sh + w * v.y.sw, v.y.sc,
+              v.dy.plane(n, c0) + h * v.dy.sh + w * v.dy.sw, v.dy.sc,
+              v.dres.plane(n, c0) + h * v.dres.sh + w * v.dres.sw, v.dres.sc, cb,
+              [&](int64_t i) { return coef[i / kLanes]; });
+      for (int64_t j = 0; j < cb; ++j) b.add_extremes(n, c0 + j, k2[c0 + j], k3[c0 + j]);
+    }
+  });
 }
 
 BnBackwardResult spem_bn_backward_cpu(const at::Tensor& grad, const at::Tensor& y,
@@ -178,6 +504,8 @@ BnBackwardResult spem_bn_backward_cpu(const at::Tensor& grad, const at::Tensor& 
                                       bool write_dres) {
   check_bn_backward(grad, y, out, stats, idx, mean, invstd, weight, bias, w1, b1, w2, b2, p);
   auto [dy, dres] = allocate_input_grads(y, write_dres);
+  prefer_huge_pages(dy);
+  prefer_huge_pages(dres);
   const int64_t N = y.size(0), C = y.size(1), HW = y.size(2) * y.size(3);
   const auto acc = compute_dtype(y.scalar_type());
   const ParamTensors prm = compute_params(w1, b1, w2, b2, p, acc);
@@ -186,85 +514,61 @@ BnBackwardResult spem_bn_backward_cpu(const at::Tensor& grad, const at::Tensor& 
   const BnTensors bn = bn_tensors(std::nullopt, std::nullopt, weight, bias, acc);
   const at::Tensor stats_c = stats.contiguous(), idx_c = idx.contiguous();
   const at::Tensor mean_c = mean.contiguous(), invstd_c = invstd.contiguous();
+  const at::Tensor& dr = write_dres ? dres : dy;  // written only when write_dres
+  const std::vector<at::Tensor> ts = {grad, y, out, dy, dr};
+  const bool by_channel = channel_major(y);
+  const bool unit = unit_stride(ts, by_channel ? 1 : 3);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "spem_bn_backward_cpu", [&] {
     using T = scalar_t;
     using Acc = at::opmath_type<T>;
-    const Acc* P[5] = {prm[0].data_ptr<Acc>(), prm[1].data_ptr<Acc>(), prm[2].data_ptr<Acc>(),
-                       prm[3].data_ptr<Acc>(), prm[4].data_ptr<Acc>()};
-    const Acc* mean_d = mean_c.data_ptr<Acc>();
-    const Acc* invstd_d = invstd_c.data_ptr<Acc>();
-    const Acc* weight_d = data_or_null<Acc>(bn.weight);
-    const Acc* bias_d = data_or_null<Acc>(bn.bias);
-    const Acc* stats_d = stats_c.data_ptr<Acc>();
-    const int32_t* idx_d = idx_c.data_ptr<int32_t>();
-    // per (n, c): the SPEM partials, then the plane sums of dx and dx (y - mean), g, dM, dm
-    std::vector<Acc> part(kBnPlanes * N * C, Acc(0));
     const int64_t NC = N * C;
-    auto masked = [&](const Plane<const T>& gp, const Plane<const T>& op, int64_t q) {
-      const Acc G = static_cast<Acc>(gp[q]);
-      return relu && !(static_cast<Acc>(op[q]) > 0) ? Acc(0) : G;
-    };
-    for_each_plane(y, [&](int64_t n, int64_t c) {
-      const Plane<const T> gp = plane_of<const T>(grad, n, c), yp = plane_of<const T>(y, n, c),
-                           op = plane_of<const T>(out, n, c);
-      const Acc mu = mean_d[c];
-      const Acc SG = plane_sum<Acc>(HW, [&](int64_t q) { return masked(gp, op, q); });
-      const Acc SD = plane_sum<Acc>(
-          HW, [&](int64_t q) { return masked(gp, op, q) * (static_cast<Acc>(yp[q]) - mu); });
-      const ChannelNorm<Acc> k = channel_norm(mean_d, invstd_d, weight_d, bias_d, c);
-      const int64_t nc = n * C + c;
-      const PlaneGrads<Acc> pg = plane_grads(k.alpha * SD + k.bias * SG, stats_d[2 * nc],
-                                             stats_d[2 * nc + 1],
-                                             load_params(P[0], P[1], P[2], P[3], P[4], c));
-      for (int j = 0; j < kPartials; ++j) part[j * NC + nc] = pg.part[j];
-      const Acc dev_max = static_cast<Acc>(yp[idx_d[2 * nc]]) - mu;
-      const Acc dev_min = static_cast<Acc>(yp[idx_d[2 * nc + 1]]) - mu;
-      bn_plane_sums(pg, SG, SD, dev_max, dev_min, &part[kBnSumDx * NC + nc],
-                    &part[kBnSumDxDev * NC + nc]);
-      part[kBnGate * NC + nc] = pg.g;
-      part[(kBnGate + 1) * NC + nc] = pg.dM;
-      part[(kBnGate + 2) * NC + nc] = pg.dm;
-    });
-    // Sums over n, in order of n: dw1, db1, dw2, db2, then dbias, dweight and k2, k3; D over
-    // (n, c) for p's gradient.
-    std::vector<Acc> coef(2 * C);
-    Acc* const sums_out[4] = {grads.written[0].data_ptr<Acc>(), grads.written[1].data_ptr<Acc>(),
-                              grads.written[2].data_ptr<Acc>(), grads.written[3].data_ptr<Acc>()};
-    Acc* dweight_d = bn_grads.written_dweight.data_ptr<Acc>();
-    Acc* dbias_d = bn_grads.written_dbias.data_ptr<Acc>();
-    const Acc count = Acc(N) * Acc(HW);
-    Acc D = 0;
-    for (int64_t c = 0; c < C; ++c) {
-      Acc s[kBnPlanes] = {};
+    std::vector<Acc> part(kBnPlanes * NC, Acc(0));
+    const BnBackwardViews<T> v{grad, y, out, dy, dr};
+    const Acc* invstd_d = invstd_c.data_ptr<Acc>();
+    std::vector<Acc> coef(2 * C);  // k2, k3
+    with_bool(relu, [&](auto L) {
+      const BnBackward<T, Acc, L> b{v, mean_c.data_ptr<Acc>(), invstd_d,
+                                    data_or_null<Acc>(bn.weight), data_or_null<Acc>(bn.bias),
+                                    stats_c.data_ptr<Acc>(), idx_c.data_ptr<int32_t>(),
+                                    part.data(), params_of<Acc>(prm), NC, C, y.size(3)};
+      if (y.numel() > 0)
+        with_bool(unit, [&](auto U) {
+          if (by_channel)
+            reduce_channel_major<T, Acc, U, L>(ts, b);
+          else
+            reduce_plane_major<T, Acc, U, L>(ts, b);
+        });
+      // Sums over n, in order of n: dw1, db1, dw2, db2, then dbias, dweight and k2, k3; D
+      // over (n, c) for p's gradient.
+      Acc* const sums_out[4] = {grads.written[0].data_ptr<Acc>(), grads.written[1].data_ptr<Acc>(),
+                                grads.written[2].data_ptr<Acc>(), grads.written[3].data_ptr<Acc>()};
+      Acc* dweight_d = bn_grads.written_dweight.data_ptr<Acc>();
+      Acc* dbias_d = bn_grads.written_dbias.data_ptr<Acc>();
+      const Acc count = Acc(N) * Acc(HW);
+      std::vector<Acc> s(kBnPlanes * C, Acc(0));
       for (int64_t n = 0; n < N; ++n)
-        for (int j = 0; j <= kBnSumDxDev; ++j) s[j] += part[j * NC + n * C + c];
-      for (int j = 0; j < 4; ++j) sums_out[j][c] = s[j];
-      D += s[4];
-      dbias_d[c] = s[kBnSumDx];
-      dweight_d[c] = invstd_d[c] * s[kBnSumDxDev];
-      coef[c] = training ? s[kBnSumDx] / count : Acc(0);
-      coef[C + c] = training ? s[kBnSumDxDev] * invstd_d[c] * invstd_d[c] / count : Acc(0);
-    }
-    p_gradient(P[4], D, grads.written[4].data_ptr<Acc>());
-    const at::Tensor& dr = write_dres ? dres : dy;
-    for_each_plane(y, [&](int64_t n, int64_t c) {
-      const Plane<const T> gp = plane_of<const T>(grad, n, c), yp = plane_of<const T>(y, n, c),
-                           op = plane_of<const T>(out, n, c);
-      const Plane<T> dp = plane_of<T>(dy, n, c), drp = plane_of<T>(dr, n, c);
-      const int64_t nc = n * C + c;
-      const Acc g = part[kBnGate * NC + nc], dM = part[(kBnGate + 1) * NC + nc],
-                dm = part[(kBnGate + 2) * NC + nc];
-      const int32_t imax = idx_d[2 * nc], imin = idx_d[2 * nc + 1];
-      const ChannelNorm<Acc> k = channel_norm(mean_d, invstd_d, weight_d, bias_d, c);
-      const Acc k2 = coef[c], k3 = coef[C + c];
-      for (int64_t q = 0; q < HW; ++q) {
-        const Acc G = masked(gp, op, q);
-        Acc d = G * g;
-        if (q == imax) d += dM;
-        if (q == imin) d += dm;
-        dp[q] = static_cast<T>(k.alpha * (d - k2 - (static_cast<Acc>(yp[q]) - k.mean) * k3));
-        if (write_dres) drp[q] = static_cast<T>(G);
+        for (int j = 0; j <= kBnSumDxDev; ++j)
+          for (int64_t c = 0; c < C; ++c) s[j * C + c] += part[j * NC + n * C + c];
+      Acc D = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        for (int j = 0; j < 4; ++j) sums_out[j][c] = s[j * C + c];
+        D += s[4 * C + c];
+        dbias_d[c] = s[kBnSumDx * C + c];
+        dweight_d[c] = invstd_d[c] * s[kBnSumDxDev * C + c];
+        coef[c] = training ? s[kBnSumDx * C + c] / count : Acc(0);
+        coef[C + c] = training ? s[kBnSumDxDev * C + c] * invstd_d[c] * invstd_d[c] / count
+                               : Acc(0);
       }
+      p_gradient(prm[4].data_ptr<Acc>(), D, grads.written[4].data_ptr<Acc>());
+      if (y.numel() > 0)
+        with_bool(unit, [&](auto U) {
+          with_bool(write_dres, [&](auto R) {
+            if (by_channel)
+              write_channel_major<T, Acc, U, L, R>(ts, b, coef.data(), coef.data() + C);
+            else
+              write_plane_major<T, Acc, U, L, R>(ts, b, coef.data(), coef.data() + C);
+          });
+        });
     });
   });
   grads.finish();

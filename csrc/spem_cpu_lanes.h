@@ -119,7 +119,29 @@ struct Identity {
   V operator()(V v) const {
     return v;
   }
+  Identity lane(int) const { return {}; }
 };
+
+// x = y a + b (a BatchNorm): a, b one channel's values, or vectors whose lane j is channel
+// j's; lane(l): lane l's map alone.
+template <typename A>
+struct Affine {
+  A a, b;
+  template <typename V>
+  V operator()(V v) const {
+    return v * a + b;
+  }
+  Affine<typename ElementOf<A>::type> lane(int l) const { return {a[l], b[l]}; }
+};
+
+// f(v), or f(v, i) for a map that differs along a row (element i of it).
+template <typename F, typename V>
+V apply_map(const F& f, V v, int64_t i) {
+  if constexpr (std::is_invocable_v<const F&, V, int64_t>)
+    return f(v, i);
+  else
+    return f(v);
+}
 
 // Per-lane running max/min with first positions; each lane must see increasing positions.
 // Without Positions (a forward that no backward follows) only the values are kept: a max and a
