@@ -55,7 +55,8 @@ from . import model_bench, plot
 # stage, and speedups from Python over eager and over torch.compile(eager). spem_bn, every
 # row of a fused backend, every device: also no slower than the plain network's tail
 # relu(bn(y) + residual) from Python, and fwd+bwd at least OP_BN_MIN_VS_EAGER times faster
-# than the eager composition (the figures: CPU, batch 16).
+# than the eager composition (figures set for CPU, batch 16; GPU-only copy share and speedups
+# stay spem's).
 MODEL_MAX_RATIO = {"fused SPEM": {"eager": 1.10, "graph": 1.05},
                    "fused SPEM+BN": {"eager": 1.00, "graph": 1.00}}
 # Memory (BatchNorm fused): bytes kept for the backward at most this much over plain's.
