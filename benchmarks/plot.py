@@ -1,6 +1,7 @@
-"""The report's PNG: op GB/s from Python and GPU-only per implementation, for each stage
-shape and direction, against the measured copy bandwidth, each fused backend's time over the
-best peer's (PASS/MISS); model step times per variant, precision and mode, and the extra
+"""The report's PNG: op GB/s from Python and GPU-only per implementation, for each op (a row
+of panels each for spem and spem_bn), direction and stage shape, against the measured copy
+bandwidth, each fused backend's time over the best peer's (spem_bn: and over the plain
+tail's; PASS/MISS); model step times per variant, precision and mode, and the extra
 activation memory."""
 import textwrap
 
@@ -9,7 +10,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 
-COLORS = {"eager": "#9e9e9e", "compile": "#5c8fd6", "triton": "#e07b39", "native": "#3fa34d"}
+COLORS = {"eager": "#9e9e9e", "compile": "#5c8fd6", "triton": "#e07b39", "native": "#3fa34d",
+          "plain": "#d4c24a", "plain-compile": "#8c7b1e"}
 VARIANT_COLORS = {"plain": "#9e9e9e", "eager SPEM": "#c77dba", "fused SPEM": "#3fa34d",
                   "fused SPEM+BN": "#1f6f33"}
 TARGET_COLORS = {"PASS": "#1b7a2e", "MISS": "#c62828"}
@@ -48,6 +50,8 @@ def _op_axes(ax, rows, impls, groups, copy_gbps):
             target = row.get("target")
             if target and row.get("vs_best_peer"):  # a fused backend: over the best peer
                 label += f", {row['vs_best_peer']:.2f}x"
+            if target and row.get("vs_plain"):  # spem_bn: and over the plain tail
+                label += f", {row['vs_plain']:.2f}x plain"
             height = max(python_gbps, gpu_gbps or 0)
             top = max(top, height)
             ax.text(x, height, label, ha="center", va="bottom", fontsize=6, rotation=90,
@@ -103,7 +107,8 @@ def _notes(ax, result):
     lines += ["", "op bars: GB/s = bytes that must move / median",
               "solid: from Python; pale: GPU-only (graph replay)",
               "labels: ms from Python / GPU-only; fused backends:",
-              "x the best peer's time, green PASS (<= 1), red MISS;",
+              "x the best peer's time (spem_bn: and x plain's),",
+              "green PASS, red MISS;",
               "dashed: copy bandwidth (read + write of a large tensor)",
               "model: fused SPEM = " + next((r["resolved_backend"] for r in result["model"]
                                             if r.get("resolved_backend")), "n/a"),
@@ -116,24 +121,29 @@ def _notes(ax, result):
 
 def write(result, path):
     ops, models, meta = result["ops"], result["model"], result["meta"]
-    stages, directions = _unique(ops, lambda r: r["stage"]), _unique(ops, lambda r: r["direction"])
-    impls = _unique(ops, lambda r: r["impl"])
+    stages = _unique(ops, lambda r: r["stage"])
+    directions = _unique(ops, lambda r: (r["op"], r["direction"]))  # a row of panels each
     groups = _unique(ops, lambda r: (r["dtype"], r["layout"]))
     nrows = max(1, len(directions) + (1 if models else 0))
     ncols = max(len(stages), 3 if models else 1)
     fig, axes = plt.subplots(nrows, ncols, figsize=(max(6 * ncols, 10), 4.4 * nrows),
                              squeeze=False)
     copy_gbps = result["copy_bandwidth"]["gb_per_s"]
-    for i, direction in enumerate(directions):
+    for i, (op, direction) in enumerate(directions):
+        op_rows = [r for r in ops if (r["op"], r["direction"]) == (op, direction)]
+        impls = _unique(op_rows, lambda r: r["impl"])
         for j, stage in enumerate(stages):
-            rows = [r for r in ops if r["stage"] == stage and r["direction"] == direction]
+            rows = [r for r in op_rows if r["stage"] == stage]
+            if not rows:  # a run cut short
+                axes[i][j].axis("off")
+                continue
             _op_axes(axes[i][j], rows, impls, groups, copy_gbps)
             shape = "x".join(map(str, rows[0]["shape"]))
-            axes[i][j].set_title(f"{stage} {shape}: {direction}", fontsize=10)
+            axes[i][j].set_title(f"{op} {stage} {shape}: {direction}", fontsize=10)
         for j in range(len(stages), ncols):
             axes[i][j].axis("off")
-    if ops:
-        axes[0][0].legend(fontsize=8, loc="upper left", ncol=2)
+        if i == 0 or op != directions[i - 1][0]:  # each op's first row: its implementations
+            axes[i][0].legend(fontsize=8, loc="upper left", ncol=2)
     if not ops and not models:  # a run cut short before its first figure
         axes[0][0].axis("off")
         axes[0][0].text(0.5, 0.5, f"nothing measured: {meta.get('cut_short') or 'no rows'}",
@@ -146,13 +156,16 @@ def write(result, path):
             ax.axis("off")
     targets = [r["target"] for r in ops if r.get("target")]
     passed = sum(t.startswith("PASS") for t in targets)
-    fig.suptitle(f"SPEM block tail relu(g*x + residual) on {meta['device']}, {meta['date'][:10]}\n"
+    fig.suptitle(f"SPEM block tail relu(g*x + residual), spem_bn relu(g*bn(y) + residual) on "
+                 f"{meta['device']}, {meta['date'][:10]}\n"
                  f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}; "
-                 f"copy bandwidth {copy_gbps:.0f} GB/s\nop targets (each fused backend no slower "
-                 f"than the best peer; GPU: also fwd+bwd speed): {passed}/{len(targets)} rows PASS"
+                 f"copy bandwidth {copy_gbps:.0f} GB/s\nop targets: each fused backend no "
+                 "slower than the best peer (GPU: also fwd+bwd speed);\nspem_bn: also no slower "
+                 f"than plain, fwd+bwd {result['targets']['op_bn_min_vs_eager_fwd_bwd']:g}x "
+                 f"eager; {passed}/{len(targets)} rows PASS"
                  + ("" if result["summary"]["quiet"] else
                     f"; NOT QUIET: load average up to {result['summary']['max_load']:.1f}"),
                  fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.85 / fig.get_figheight()))  # room for 4 lines
     fig.savefig(path, dpi=110)
     plt.close(fig)

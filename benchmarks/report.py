@@ -7,14 +7,19 @@ Model rows first: ResNet-164 training steps, plain / eager SPEM / fused SPEM, in
 and (GPU) captured in a CUDA graph, in fp32 NCHW and (GPU) bf16 autocast + channels_last, with
 the extra activation memory of each; with --model-compile also torch.compile(model), with its
 compile time. Then op rows: for each ResNet-164 stage shape (or ImageNet ResNet-50 plane:
---stages imagenet), dtype and memory format, forward and
-forward+backward of relu(g * x + residual) for eager (spem_reference), torch.compile of
-spem_reference and each fused backend, timed two ways: as called from Python (host cost
-included; a case's implementations in interleaved rounds, so that load on a shared machine
-hits them alike) and, on a GPU, GPU-only (the same call captured in a CUDA graph and
-replayed); each with the bytes that must move, the achieved GB/s and its share of the
-device's copy bandwidth, speedups over eager and torch.compile (from Python), and for each
-fused backend its target: no slower than the best of the two.
+--stages imagenet), dtype and memory format, forward and forward+backward of the block tail
+in its two forms (--ops): spem, relu(g * x + residual), for eager (spem_reference),
+torch.compile of spem_reference and each fused backend; spem_bn, relu(g * bn(y) +
+residual) in training, for eager (the composition spem_bn_reference: F.batch_norm, then
+spem_reference), torch.compile of it, the plain network's tail relu(bn(y) + residual)
+eager ("plain") and compiled ("plain-compile"), and each fused backend. Each is timed two
+ways: as called from Python (host cost included; a case's implementations in interleaved
+rounds, so that load on a shared machine hits them alike) and, on a GPU, GPU-only (the same
+call captured in a CUDA graph and replayed); each with the bytes that must move, the
+achieved GB/s and its share of the device's copy bandwidth, speedups over eager and
+torch.compile (from Python), and for each fused backend its target: no slower than the
+best of the two; for spem_bn also no slower than the plain tail, and forward+backward at
+least 3x faster than the eager composition.
 Writes <out-dir>/<device>.json (after every case, so a run cut short keeps what it
 measured) and .png, prints the table last, and marks the targets PASS/MISS. With
 --time-budget it starts nothing it cannot finish in time and ends with what it measured.
@@ -35,10 +40,9 @@ from textwrap import shorten
 
 import torch
 
-from spem_kernels import spem_reference
 from spem_kernels.backends import NAMES as BACKENDS, compiled_backends, unavailable_reason
-from spem_kernels.cases import (ALL_STAGES, DIRECTIONS, DTYPES, LAYOUTS, SHAPE_SETS, STAGES,
-                                block_tail_call, block_tail_inputs, block_tail_op, stage_shape)
+from spem_kernels.cases import (ALL_STAGES, DIRECTIONS, DTYPES, LAYOUTS, OPS, SHAPE_SETS,
+                                block_tail_call, stage_shape)
 from spem_kernels.timing import (copy_bandwidth, synchronize, time_calls, time_interleaved,
                                  time_replays)
 
@@ -48,7 +52,11 @@ from . import model_bench, plot
 # CPU: eager mode, fp32). Op, every row of a fused backend, every device: no slower than the
 # best peer (eager or torch.compile(eager), whichever is faster in that row), from Python and
 # (GPU) GPU-only. Op (GPU, fused fwd+bwd) also: GPU-only share of the copy bandwidth per
-# stage, and speedups from Python over eager and over torch.compile(eager).
+# stage, and speedups from Python over eager and over torch.compile(eager). spem_bn, every
+# row of a fused backend, every device: also no slower than the plain network's tail
+# relu(bn(y) + residual) from Python, and fwd+bwd at least OP_BN_MIN_VS_EAGER times faster
+# than the eager composition (figures set for CPU, batch 16; GPU-only copy share and speedups
+# stay spem's).
 MODEL_MAX_RATIO = {"fused SPEM": {"eager": 1.10, "graph": 1.05},
                    "fused SPEM+BN": {"eager": 1.00, "graph": 1.00}}
 # Memory (BatchNorm fused): bytes kept for the backward at most this much over plain's.
@@ -57,7 +65,10 @@ MODEL_TARGET_BATCH = {"cuda": 128, "cpu": 16}
 OP_MAX_VS_BEST_PEER = 1.0
 OP_MIN_FRAC_COPY = {"stage1": 0.8, "stage2": 0.8, "stage3": 0.6}  # ImageNet planes: by size
 OP_MIN_VS_EAGER, OP_MIN_VS_COMPILE = 5.0, 1.5
+OP_BN_MAX_VS_PLAIN, OP_BN_MIN_VS_EAGER = 1.0, 3.0
 PEERS = ("eager", "compile")
+PLAINS = ("plain", "plain-compile")  # spem_bn's rows only: the plain network's tail
+COMPILED = {"compile": "eager", "plain-compile": "plain"}  # what each torch.compiles
 # A run is quiet when the 1-minute load average stays below this at the start and end of every
 # case: with more, a call of a parallel kernel also waits for a core (on a shared 2-core machine
 # about a scheduler tick per parallel region), and times and their ratios do not reproduce.
@@ -97,8 +108,12 @@ def parse_args(argv):
     parser.add_argument("--dtypes", default=",".join(DTYPES))
     parser.add_argument("--layouts", default=",".join(LAYOUTS))
     parser.add_argument("--directions", default=",".join(DIRECTIONS))
+    parser.add_argument("--ops", default=",".join(OPS),
+                        help="op rows of spem (relu(g*x + r)), spem_bn (relu(g*bn(y) + r)) or "
+                             "both (default: " + ",".join(OPS) + ")")
     parser.add_argument("--impls", default=None,
-                        help="subset of eager,compile,triton,native (default: all that run here)")
+                        help="subset of " + ",".join(PEERS + PLAINS) + ",triton,native (default: "
+                             "all that run here; " + ",".join(PLAINS) + ": spem_bn rows only)")
     parser.add_argument("--rotate", type=int, default=None,
                         help="input sets per case (default: enough to span 256 MiB, 2 to 8)")
     parser.add_argument("--min-time", type=float, default=0.5,
@@ -141,16 +156,16 @@ def parse_args(argv):
     a = parser.parse_args(argv)  # options given explicitly win over both
     a.device = torch.device(a.device)
     fused = compiled_backends(a.device)
-    a.impls = a.impls.split(",") if a.impls else ["eager", "compile"] + fused
+    a.impls = a.impls.split(",") if a.impls else [*PEERS, *PLAINS, *fused]
     for impl in a.impls:
-        if impl not in ("eager", "compile") and impl not in fused:
+        if impl not in PEERS + PLAINS and impl not in fused:
             parser.error(f"implementation {impl!r} does not run on {a.device} "
                          f"(fused backends here: {fused or 'none'})")
     a.stages = ",".join(",".join(SHAPE_SETS[s][0]) if s in SHAPE_SETS else s
                         for s in a.stages.split(","))
     for name, known in (("stages", ALL_STAGES), ("dtypes", DTYPES), ("layouts", LAYOUTS),
                         ("directions", DIRECTIONS), ("model_precisions", model_bench.PRECISIONS),
-                        ("model_variants", MODEL_VARIANTS)):
+                        ("model_variants", MODEL_VARIANTS), ("ops", OPS)):
         values = list(dict.fromkeys(getattr(a, name).split(",")))
         if not set(values) <= set(known):
             parser.error(f"--{name.replace('_', '-')} must be a subset of {','.join(known)}")
@@ -206,6 +221,7 @@ def environment(a):
         "load_avg_start": os.getloadavg(),
         "batch": a.batch,
         "stages": a.stages,
+        "ops": a.ops,
         "min_time_s": a.min_time,
         "rounds": a.rounds,
         "quick": a.quick,
@@ -225,10 +241,18 @@ def attempt(fn):
         return None, model_bench.failure_reason(e)
 
 
-def op_for_impl(impl):
-    if impl == "compile":
-        return torch.compile(spem_reference, dynamic=False)
-    return block_tail_op(impl)
+def impls_of(op, impls):
+    """The implementations among `impls` that op `op`'s rows time (the plain tail: spem_bn's)."""
+    return [impl for impl in impls if op == "spem_bn" or impl not in PLAINS]
+
+
+def op_for_impl(op, impl):
+    """The callable that `impl` names for op `op` (cases.OPS): "compile" and "plain-compile"
+    are torch.compile of the eager and of the plain one."""
+    make_op = OPS[op][1]
+    if impl in COMPILED:
+        return torch.compile(make_op(COMPILED[impl]), dynamic=False)
+    return make_op(impl)
 
 
 def cell(t, nbytes, copy_gbps):
@@ -255,15 +279,16 @@ def time_python(calls, device, rounds, min_time):
 
 
 def measure_ops(a, copy_gbps):
-    """Yields the rows of each (stage, dtype, layout, direction) case as it is measured."""
+    """Yields the rows of each (stage, dtype, layout, op, direction) case as it is measured."""
     on_gpu = a.device.type == "cuda"
-    for stage, dtype, layout in product(a.stages, a.dtypes, a.layouts):
+    for stage, dtype, layout, op in product(a.stages, a.dtypes, a.layouts, a.ops):
         if out_of_time(a):
             return
+        impls = impls_of(op, a.impls)
 
         def new_set():
-            return block_tail_inputs(stage_shape(stage, a.batch), DTYPES[dtype], LAYOUTS[layout],
-                                     a.device, requires_grad=True)
+            return OPS[op][0](stage_shape(stage, a.batch), DTYPES[dtype], LAYOUTS[layout],
+                              a.device, requires_grad=True)
 
         probe = new_set()
         set_bytes = 3 * probe.x.numel() * probe.x.element_size()
@@ -272,21 +297,21 @@ def measure_ops(a, copy_gbps):
         for direction in a.directions:
             start = time.perf_counter()
             nbytes = probe.bytes_moved(direction)
-            case = {"stage": stage, "shape": list(stage_shape(stage, a.batch)), "dtype": dtype,
-                    "layout": layout, "direction": direction, "input_sets": sets,
-                    "bytes": nbytes}
+            case = {"op": op, "stage": stage, "shape": list(stage_shape(stage, a.batch)),
+                    "dtype": dtype, "layout": layout, "direction": direction,
+                    "input_sets": sets, "bytes": nbytes}
             load_start = os.getloadavg()[0]
             rows, calls = [], {}
-            if "compile" in a.impls:
+            if set(impls) & set(COMPILED):
                 torch._dynamo.reset()  # a fresh cache per case: no recompile limit, honest time
-            for impl in a.impls:
+            for impl in impls:
                 if out_of_time(a):
                     break  # the case's rows so far still go out
-                fns = [block_tail_call(op_for_impl(impl), inp, direction) for inp in inputs]
+                fns = [block_tail_call(op_for_impl(op, impl), inp, direction) for inp in inputs]
                 row = dict(case, impl=impl)
                 first = time.perf_counter()
                 _, error = attempt(lambda: (fns[0](), synchronize(a.device)))  # compiles
-                if impl == "compile":
+                if impl in COMPILED:
                     row["compile_s"] = None if error else time.perf_counter() - first
                 if error:
                     row["python"] = {"error": error}
@@ -307,15 +332,16 @@ def measure_ops(a, copy_gbps):
             add_speedups(rows)
             for row in rows:
                 row["target"] = check_op(row, a.device)
-            print(f"  {stage} {dtype} {layout} {direction}: {time.perf_counter() - start:.1f} s",
-                  file=sys.stderr, flush=True)
+            print(f"  {op} {stage} {dtype} {layout} {direction}: "
+                  f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
             if rows:
                 yield rows
         del inputs, probe  # freed before the next case allocates its own
 
 
 def describe(row):
-    return f"{row['stage']} {row['dtype']} {row['layout']} {row['direction']} {row['impl']}"
+    return (f"{row['op']} {row['stage']} {row['dtype']} {row['layout']} {row['direction']} "
+            f"{row['impl']}")
 
 
 def progress(row):
@@ -326,9 +352,11 @@ def progress(row):
 
 
 def add_speedups(case_rows):
-    """Per row: speedups from Python over eager and over torch.compile(eager); for a fused
-    backend also its time over the best peer's (the faster of the two), from Python and
-    (GPU) GPU-only: vs_best_peer, vs_best_peer_graph, best_peer."""
+    """Per row: speedups from Python over eager and over torch.compile(eager); where the case
+    has the plain tail (spem_bn), the row's time over plain's and over plain-compile's
+    (vs_plain, vs_plain_compile); for a fused backend also its time over the best peer's (the
+    faster of eager and compile), from Python and (GPU) GPU-only: vs_best_peer,
+    vs_best_peer_graph, best_peer."""
     def ms(row, timing):
         return (row[timing] or {}).get("median_ms")
 
@@ -338,6 +366,10 @@ def add_speedups(case_rows):
         for ref in PEERS:
             theirs = ms(base[ref], "python") if ref in base else None
             r[f"vs_{ref}"] = theirs / mine if mine and theirs else None
+        for ref in PLAINS:
+            if ref in base:
+                theirs = ms(base[ref], "python")
+                r["vs_" + ref.replace("-", "_")] = mine / theirs if mine and theirs else None
         if r["impl"] in PEERS:
             continue
         for timing, key in (("python", "vs_best_peer"), ("graph", "vs_best_peer_graph")):
@@ -351,10 +383,11 @@ def add_speedups(case_rows):
 
 
 def check_op(row, device):
-    """PASS/MISS of a fused backend's row (None for the peers' rows): every row, no slower than
-    the best peer from Python and (GPU) GPU-only; GPU fwd+bwd also the copy-bandwidth share
-    and the speedups over each peer."""
-    if row["impl"] in PEERS:
+    """PASS/MISS of a fused backend's row (None for the other rows): every row, no slower than
+    the best peer from Python and (GPU) GPU-only; spem_bn also no slower than the plain tail
+    (from Python) and fwd+bwd OP_BN_MIN_VS_EAGER x eager; spem on a GPU, fwd+bwd, also the
+    copy-bandwidth share and the speedups over each peer."""
+    if row["impl"] in PEERS + PLAINS:
         return None
     misses = []
     checks = [("vs_best_peer", "")] + ([("vs_best_peer_graph", " GPU-only")]
@@ -364,7 +397,17 @@ def check_op(row, device):
         if got is None or got > OP_MAX_VS_BEST_PEER:
             misses.append(f"{'n/a' if got is None else f'{got:.2f}x'} best peer{what} "
                           f"> {OP_MAX_VS_BEST_PEER:.2f}x")
-    if device.type == "cuda" and row["direction"] == "fwd+bwd":
+    bn = row["op"] == "spem_bn"
+    if bn:
+        got = row.get("vs_plain")
+        if got is None or got > OP_BN_MAX_VS_PLAIN:
+            misses.append(f"{'n/a' if got is None else f'{got:.2f}x'} plain "
+                          f"> {OP_BN_MAX_VS_PLAIN:.2f}x")
+        got = row.get("vs_eager")
+        if row["direction"] == "fwd+bwd" and (got is None or got < OP_BN_MIN_VS_EAGER):
+            misses.append(f"{'n/a' if got is None else f'{got:.1f}x'} eager "
+                          f"< {OP_BN_MIN_VS_EAGER}x")
+    elif device.type == "cuda" and row["direction"] == "fwd+bwd":
         plane = row["shape"][2] * row["shape"][3]
         need = OP_MIN_FRAC_COPY.get(row["stage"], 0.8 if plane >= 256 else 0.6)
         got = row["graph"].get("frac_copy")
@@ -376,7 +419,12 @@ def check_op(row, device):
                 misses.append(f"{'n/a' if got is None else f'{got:.1f}x'} {ref} < {need}x")
     if misses:
         return "MISS (" + ", ".join(misses) + ")"
-    return f"PASS ({row['vs_best_peer']:.2f}x best peer)"
+    passed = [f"{row['vs_best_peer']:.2f}x best peer"]
+    if bn:
+        passed.append(f"{row['vs_plain']:.2f}x plain")
+        if row["direction"] == "fwd+bwd":
+            passed.append(f"{row['vs_eager']:.1f}x eager")
+    return "PASS (" + ", ".join(passed) + ")"
 
 
 def measure_models(a, save_rows, seconds):
@@ -498,7 +546,8 @@ PRECISION_NAMES = {"fp32": "fp32 NCHW", "bf16": "bf16 autocast + channels_last"}
 
 def table(result):
     meta, bw = result["meta"], result["copy_bandwidth"]
-    lines = [f"SPEM block tail relu(g*x + residual) on {meta['device']} ({meta['device_type']}, "
+    lines = [f"SPEM block tail, spem: relu(g*x + residual), spem_bn: relu(g*bn(y) + residual) "
+             f"on {meta['device']} ({meta['device_type']}, "
              f"{meta['cpu_threads']} CPU threads), torch {meta['torch']}, triton {meta['triton']}, "
              f"CUDA {meta['cuda']}; {meta['date']}",
              f"copy bandwidth (read + write of a {bw['bytes'] // 2 // 2**20} MiB tensor): "
@@ -514,34 +563,39 @@ def table(result):
              "(CPU: perf_counter), a case's implementations in "
              f"{meta.get('rounds', 1)} interleaved rounds (the median round); GPU-only: replays "
              "of the call captured in a CUDA graph (do_bench; '-' without a GPU); x eager, "
-             "x comp: from Python; target: a fused backend no slower than the best peer "
-             "(eager or compile); load: 1-minute load average at the case's start",
+             "x comp: from Python; /plain, /p-comp (spem_bn): time over the plain tail "
+             "relu(bn(y) + residual)'s, eager and compiled; target: a fused backend no slower "
+             "than the best peer (eager or compile), for spem_bn also no slower than plain and "
+             f"fwd+bwd {OP_BN_MIN_VS_EAGER:g}x eager; load: 1-minute load average at the case's "
+             "start",
              *([f"CUT SHORT: {meta['cut_short']}"] if meta.get("cut_short") else []),
              ""]
-    head = (f"{'stage':7} {'N,C,H,W':14} {'dtype':8} {'layout':13} {'dir':7} {'impl':8} "
-            f"{'MB':>7} | {'from Python: ms':>15} {'GB/s':>7} {'%copy':>6} | "
+    head = (f"{'op':7} {'stage':7} {'N,C,H,W':14} {'dtype':8} {'layout':13} {'dir':7} "
+            f"{'impl':13} {'MB':>7} | {'from Python: ms':>15} {'GB/s':>7} {'%copy':>6} | "
             f"{'GPU-only: ms':>12} {'GB/s':>7} {'%copy':>6} | {'x eager':>7} {'x comp':>7} "
-            f"{'load':>5}  target")
+            f"{'/plain':>6} {'/p-comp':>7} {'load':>5}  target")
     lines += [head, "-" * len(head)]
     previous = None
     for r in result["ops"]:
-        if previous and (r["stage"], r["dtype"], r["layout"]) != previous:
+        op = r["op"]
+        if previous and (op, r["stage"], r["dtype"], r["layout"]) != previous:
             lines.append("")
-        previous = (r["stage"], r["dtype"], r["layout"])
+        previous = (op, r["stage"], r["dtype"], r["layout"])
         shape = ",".join(map(str, r["shape"]))
-        lines.append(f"{r['stage']:7} {shape:14} {r['dtype']:8} {r['layout']:13} "
-                     f"{r['direction']:7} {r['impl']:8} {r['bytes'] / 1e6:7.1f} | "
+        lines.append(f"{op:7} {r['stage']:7} {shape:14} {r['dtype']:8} {r['layout']:13} "
+                     f"{r['direction']:7} {r['impl']:13} {r['bytes'] / 1e6:7.1f} | "
                      f"{op_cells(r['python']):>30} | {op_cells(r['graph']):>27} | "
                      f"{fmt(r['vs_eager'], '7.2f')} {fmt(r['vs_compile'], '7.2f')} "
+                     f"{fmt(r.get('vs_plain'), '6.2f')} {fmt(r.get('vs_plain_compile'), '7.2f')} "
                      f"{fmt((r.get('load_avg') or [None])[0], '5.2f')}  {r.get('target') or ''}")
         if "error" in r["python"]:
-            lines.append(f"{'':52}n/a: {r['python']['error']}")
+            lines.append(f"{'':65}n/a: {r['python']['error']}")
         elif r["graph"] and "error" in r["graph"]:
-            lines.append(f"{'':52}GPU-only n/a: {r['graph']['error']}")
+            lines.append(f"{'':65}GPU-only n/a: {r['graph']['error']}")
     compile_s = [r["compile_s"] for r in result["ops"] if r.get("compile_s")]
     if compile_s:
-        lines.append(f"torch.compile(spem_reference): {sum(compile_s):.0f} s of compilation "
-                     f"over {len(compile_s)} cases (at most {max(compile_s):.1f} s)")
+        lines.append(f"torch.compile (compile, plain-compile): {sum(compile_s):.0f} s of "
+                     f"compilation over {len(compile_s)} rows (at most {max(compile_s):.1f} s)")
     if result["model"]:
         lines += ["", model_heading(result["model"]),
                   f"{'precision':30} {'mode':7} {'variant':22} {'ms/step':>8} {'steps/s':>8} "
@@ -604,7 +658,9 @@ def main(argv=None):
                           "model_target_batch": MODEL_TARGET_BATCH,
                           "op_min_frac_copy_gpu_only": OP_MIN_FRAC_COPY,
                           "op_min_vs_eager": OP_MIN_VS_EAGER,
-                          "op_min_vs_compile": OP_MIN_VS_COMPILE}}
+                          "op_min_vs_compile": OP_MIN_VS_COMPILE,
+                          "op_bn_max_vs_plain": OP_BN_MAX_VS_PLAIN,
+                          "op_bn_min_vs_eager_fwd_bwd": OP_BN_MIN_VS_EAGER}}
     if not a.no_model:  # first: the figures a reader waits for
         def save_rows(rows):
             result["model"] = rows
