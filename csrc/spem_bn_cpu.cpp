@@ -76,24 +76,44 @@ struct SquaredDeviation {
 
 // --- forward: the planes' mean and M2 (training) ---
 
+// Planes of fewer bytes than this are summed kLanes at a time, their sums folded into lanes
+// (an 8x8 plane is four vectors: a reduction of its own would cost as much as its loads);
+// larger ones one by one, each in L1 for its second pass.
+constexpr int64_t kGroupedMomentsBytes = 4096;
+
 template <typename T, typename Acc, bool Unit>
 void moments_plane_major(const at::Tensor& y_t, Acc* mean, Acc* m2) {
   const int64_t C = y_t.size(1), HW = y_t.size(2) * y_t.size(3);
   const Rows walk = plane_rows({y_t});
   const View<const T> y(y_t);
+  const int group = HW * int64_t(sizeof(T)) < kGroupedMomentsBytes ? kLanes : 1;
   const int64_t grain = std::max<int64_t>(kLanes, kTileElements / HW);
+  // Lane j of the result: plane j's sum (sum_lanes gives a plane alone the same number).
+  auto lanes_of = [&](Vec<Acc>* sums, int count) {
+    if (group == 1) return Vec<Acc>{} + sum_lanes<Acc>(sums[0]);
+    std::fill(sums + count, sums + kLanes, Vec<Acc>{});
+    return fold_sums<Acc>(sums);
+  };
   at::parallel_for(0, y_t.size(0) * C, grain, [&](int64_t begin, int64_t end) {
-    PlaneIndex at(begin, C);
-    for (int64_t nc = begin; nc < end; ++nc, at.next(C)) {
-      const T* p = y.plane(at.n, at.c);
-      Vec<Acc> s{};
-      for (int64_t row = 0; row < walk.rows; ++row)
-        sum_row<Unit, T, Acc>(p + row * y.sh, y.sw, walk.len, s);
-      const Acc mu = sum_lanes<Acc>(s) / Acc(HW);
-      Vec<Acc> q{};  // the plane is in L1: a second pass, no cancellation
-      for (int64_t row = 0; row < walk.rows; ++row)
-        sum_row<Unit, T, Acc>(p + row * y.sh, y.sw, walk.len, q, SquaredDeviation<Acc>{mu});
-      mean[nc] = mu, m2[nc] = sum_lanes<Acc>(q);
+    Vec<Acc> sums[kLanes];
+    for (int64_t nc0 = begin; nc0 < end; nc0 += group) {
+      const int count = static_cast<int>(std::min<int64_t>(group, end - nc0));
+      PlaneIndex at(nc0, C);
+      for (int j = 0; j < count; ++j, at.next(C)) {
+        sums[j] = Vec<Acc>{};
+        for (int64_t row = 0; row < walk.rows; ++row)
+          sum_row<Unit, T, Acc>(y.plane(at.n, at.c) + row * y.sh, y.sw, walk.len, sums[j]);
+      }
+      const Vec<Acc> mu = lanes_of(sums, count) / Acc(HW);
+      at = PlaneIndex(nc0, C);
+      for (int j = 0; j < count; ++j, at.next(C)) {  // again from L1: no cancellation
+        sums[j] = Vec<Acc>{};
+        for (int64_t row = 0; row < walk.rows; ++row)
+          sum_row<Unit, T, Acc>(y.plane(at.n, at.c) + row * y.sh, y.sw, walk.len, sums[j],
+                                SquaredDeviation<Acc>{mu[j]});
+      }
+      const Vec<Acc> dev = lanes_of(sums, count);
+      for (int j = 0; j < count; ++j) mean[nc0 + j] = mu[j], m2[nc0 + j] = dev[j];
     }
   });
 }
@@ -287,24 +307,6 @@ struct BnBackward {
       part[(kBnGate + 2) * NC + nc] = pg.dm[j];
     }
   }
-
-  // Plane (n, c)'s dy at its max's and min's positions, recomputed with dM, dm added (in the
-  // order of the other kernels: G g, + dM, + dm; then BatchNorm's backward, rounded once).
-  void add_extremes(int64_t n, int64_t c, Acc k2, Acc k3) const {
-    const int64_t nc = n * C + c;
-    const int32_t imax = idx[2 * nc], imin = idx[2 * nc + 1];
-    const ChannelNorm<Acc> k = channel_norm(mean, invstd, weight, bias, c);
-    auto fix = [&](int32_t pos) {
-      const int64_t h = pos / W, w = pos % W;
-      const Acc o = Relu ? static_cast<Acc>(v.out.at(n, c, h, w)) : Acc(0);
-      Acc d = relu_grad<Relu>(static_cast<Acc>(v.grad.at(n, c, h, w)), o) * part[kBnGate * NC + nc];
-      if (pos == imax) d += part[(kBnGate + 1) * NC + nc];
-      if (pos == imin) d += part[(kBnGate + 2) * NC + nc];
-      v.dy.at(n, c, h, w) = static_cast<T>(k.alpha * (d - k2 - deviation(n, c, pos) * k3));
-    };
-    fix(imax);
-    if (imin != imax) fix(imin);
-  }
 };
 
 // SG += G, SD += G (y - mu) over one row (G: grad through the ReLU). Element i goes to lane
@@ -332,37 +334,49 @@ void bn_sums_row(const T* grad, int64_t sg, const T* out, int64_t so, const T* y
   }
 }
 
-// dy = alpha (G g - k2 - (y - mean) k3) and dres = G over one row (the extremes are fixed
-// afterwards); coef(i): the coefficients of elements i .. i + kLanes - 1 as vectors.
-template <typename V>
+// A plane's (or, as vectors, kLanes planes') coefficients of the writing pass: g, dM, dm and
+// the max's and min's positions from the reduction, BatchNorm's alpha, mean and k2, k3.
+template <typename V, typename P>
 struct BnRowCoef {
-  V g, alpha, k2, k3, mean;
-  BnRowCoef<typename ElementOf<V>::type> lane(int l) const {
-    return {g[l], alpha[l], k2[l], k3[l], mean[l]};
+  V g, dM, dm, alpha, k2, k3, mean;
+  P imax, imin;
+  BnRowCoef<typename ElementOf<V>::type, typename ElementOf<P>::type> lane(int l) const {
+    return {g[l], dM[l], dm[l], alpha[l], k2[l], k3[l], mean[l], imax[l], imin[l]};
   }
-  template <typename U>
-  U dy(U G, U y) const {
-    return alpha * (G * g - k2 - (y - mean) * k3);
+  // dy at position pos: dx = G g, + dM at the max, + dm at the min (in the order of the
+  // other kernels), then BatchNorm's backward alpha (dx - k2 - (y - mean) k3). The extremes
+  // are selected in registers, so no second look at them is needed.
+  template <typename U, typename Q>
+  U dy(U G, U y, Q pos) const {
+    U d = G * g;
+    d = pos == imax ? d + dM : d;
+    d = pos == imin ? d + dm : d;
+    return alpha * (d - k2 - (y - mean) * k3);
   }
 };
 
-template <bool Unit, bool Relu, bool WriteDres, typename T, typename Acc, typename Coef>
+// dy and dres = G over one row; coef(i), pos(i): vectors whose lane i % kLanes holds element
+// i's coefficients and position in its plane (for i a multiple of kLanes: elements i ..
+// i + kLanes - 1's).
+template <bool Unit, bool Relu, bool WriteDres, typename T, typename Acc, typename Coef,
+          typename Pos>
 void bn_input_grad_row(const T* grad, int64_t sg, const T* out, int64_t so, const T* y,
                        int64_t sy, T* dy, int64_t sd, T* dres, int64_t sdr, int64_t len,
-                       Coef coef) {
+                       Coef coef, Pos pos) {
   using V = Vec<Acc>;
   if (Unit) sg = so = sy = sd = sdr = 1;
   int64_t i = 0;
   for (; i + kLanes <= len; i += kLanes) {
     const V o = Relu ? load<Acc, Unit>(out + i * so, so) : V{};
     const V G = relu_grad<Relu>(load<Acc, Unit>(grad + i * sg, sg), o);
-    store<Unit>(dy + i * sd, sd, coef(i).dy(G, load<Acc, Unit>(y + i * sy, sy)));
+    store<Unit>(dy + i * sd, sd, coef(i).dy(G, load<Acc, Unit>(y + i * sy, sy), pos(i)));
     if (WriteDres) store<Unit>(dres + i * sdr, sdr, G);
   }
   for (; i < len; ++i) {
     const Acc o = Relu ? static_cast<Acc>(out[i * so]) : Acc(0);
     const Acc G = relu_grad<Relu>(static_cast<Acc>(grad[i * sg]), o);
-    dy[i * sd] = static_cast<T>(coef(i).lane(i % kLanes).dy(G, static_cast<Acc>(y[i * sy])));
+    const int l = static_cast<int>(i % kLanes);
+    dy[i * sd] = static_cast<T>(coef(i).lane(l).dy(G, static_cast<Acc>(y[i * sy]), pos(i)[l]));
     if (WriteDres) dres[i * sdr] = static_cast<T>(G);
   }
 }
@@ -440,18 +454,25 @@ void write_plane_major(const std::vector<at::Tensor>& ts, const BnBackward<T, Ac
     PlaneIndex at(begin, C);
     for (int64_t nc = begin; nc < end; ++nc, at.next(C)) {
       const int64_t n = at.n, c = at.c;
+      using V = Vec<Acc>;
+      using I = IVec<Acc>;
       const ChannelNorm<Acc> k = channel_norm(b.mean, b.invstd, b.weight, b.bias, c);
-      const BnRowCoef<Vec<Acc>> coef{Vec<Acc>{} + b.part[kBnGate * b.NC + nc],
-                                     Vec<Acc>{} + k.alpha, Vec<Acc>{} + k2[c],
-                                     Vec<Acc>{} + k3[c], Vec<Acc>{} + k.mean};
+      const Acc* part = b.part + nc;
+      const BnRowCoef<V, I> coef{V{} + part[kBnGate * b.NC], V{} + part[(kBnGate + 1) * b.NC],
+                                 V{} + part[(kBnGate + 2) * b.NC], V{} + k.alpha, V{} + k2[c],
+                                 V{} + k3[c], V{} + k.mean, I{} + b.idx[2 * nc],
+                                 I{} + b.idx[2 * nc + 1]};
+      const I iota = lane_iota<Acc>();
       for (int64_t row = 0; row < walk.rows; ++row)
         bn_input_grad_row<Unit, Relu, WriteDres, T, Acc>(
             v.grad.plane(n, c) + row * v.grad.sh, v.grad.sw,
             v.out.plane(n, c) + row * v.out.sh, v.out.sw, v.y.plane(n, c) + row * v.y.sh,
             v.y.sw, v.dy.plane(n, c) + row * v.dy.sh, v.dy.sw,
             v.dres.plane(n, c) + row * v.dres.sh, v.dres.sw, walk.len,
-            [&](int64_t) { return coef; });
-      b.add_extremes(n, c, k2[c], k3[c]);
+            [&](int64_t) { return coef; },
+            [&](int64_t i) {  // lane l: element i / kLanes * kLanes + l of the row
+              return iota + static_cast<Pos<Acc>>(row * walk.len + i / kLanes * kLanes);
+            });
     }
   });
 }
@@ -464,18 +485,23 @@ void write_channel_major(const std::vector<at::Tensor>& ts, const BnBackward<T, 
   const int64_t N = ts[1].size(0), C = b.C, H = ts[1].size(2), W = ts[1].size(3);
   const int64_t block = channel_block(C, H * W), blocks = (C + block - 1) / block;
   at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
-    BnRowCoef<Vec<Acc>> coef[kMaxChannelBlock / kLanes];
+    using V = Vec<Acc>;
+    using I = IVec<Acc>;
+    BnRowCoef<V, I> coef[kMaxChannelBlock / kLanes];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / blocks, c0 = task % blocks * block;
       const int64_t cb = std::min(block, C - c0), used = (cb + kLanes - 1) / kLanes;
       for (int64_t k = 0; k < used; ++k) {
-        coef[k] = BnRowCoef<Vec<Acc>>{Vec<Acc>{}, Vec<Acc>{}, Vec<Acc>{}, Vec<Acc>{}, Vec<Acc>{}};
+        BnRowCoef<V, I>& e = coef[k];
+        e = {V{}, V{}, V{}, V{}, V{}, V{}, V{}, I{} - 1, I{} - 1};
         for (int64_t j = 0; j < std::min<int64_t>(kLanes, cb - k * kLanes); ++j) {
-          const int64_t c = c0 + k * kLanes + j;
+          const int64_t c = c0 + k * kLanes + j, nc = n * C + c;
           const ChannelNorm<Acc> cn = channel_norm(b.mean, b.invstd, b.weight, b.bias, c);
-          coef[k].g[j] = b.part[kBnGate * b.NC + n * C + c];
-          coef[k].alpha[j] = cn.alpha, coef[k].k2[j] = k2[c], coef[k].k3[j] = k3[c];
-          coef[k].mean[j] = cn.mean;
+          e.g[j] = b.part[kBnGate * b.NC + nc];
+          e.dM[j] = b.part[(kBnGate + 1) * b.NC + nc];
+          e.dm[j] = b.part[(kBnGate + 2) * b.NC + nc];
+          e.alpha[j] = cn.alpha, e.k2[j] = k2[c], e.k3[j] = k3[c], e.mean[j] = cn.mean;
+          e.imax[j] = b.idx[2 * nc], e.imin[j] = b.idx[2 * nc + 1];
         }
       }
       for (int64_t h = 0; h < H; ++h)
@@ -486,8 +512,8 @@ void write_channel_major(const std::vector<at::Tensor>& ts, const BnBackward<T, 
               v.y.plane(n, c0) + h * v.y.sh + w * v.y.sw, v.y.sc,
               v.dy.plane(n, c0) + h * v.dy.sh + w * v.dy.sw, v.dy.sc,
               v.dres.plane(n, c0) + h * v.dres.sh + w * v.dres.sw, v.dres.sc, cb,
-              [&](int64_t i) { return coef[i / kLanes]; });
-      for (int64_t j = 0; j < cb; ++j) b.add_extremes(n, c0 + j, k2[c0 + j], k3[c0 + j]);
+              [&](int64_t i) { return coef[i / kLanes]; },
+              [&](int64_t) { return I{} + static_cast<Pos<Acc>>(h * W + w); });
     }
   });
 }
