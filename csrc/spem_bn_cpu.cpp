@@ -334,24 +334,20 @@ void bn_sums_row(const T* grad, int64_t sg, const T* out, int64_t so, const T* y
   }
 }
 
-// A plane's (or, as vectors, kLanes planes') coefficients of the writing pass: g, dM, dm and
-// the max's and min's positions from the reduction, BatchNorm's alpha, mean and k2, k3.
+// A plane's (or, as vectors, kLanes planes') coefficients of the writing pass: g and the
+// extremes' terms from the reduction, BatchNorm's alpha, mean and k2, k3.
 template <typename V, typename P>
 struct BnRowCoef {
-  V g, dM, dm, alpha, k2, k3, mean;
-  P imax, imin;
+  V g, alpha, k2, k3, mean;
+  ExtremeGrads<V, P> ext;
   BnRowCoef<typename ElementOf<V>::type, typename ElementOf<P>::type> lane(int l) const {
-    return {g[l], dM[l], dm[l], alpha[l], k2[l], k3[l], mean[l], imax[l], imin[l]};
+    return {g[l], alpha[l], k2[l], k3[l], mean[l], ext.lane(l)};
   }
-  // dy at position pos: dx = G g, + dM at the max, + dm at the min (in the order of the
-  // other kernels), then BatchNorm's backward alpha (dx - k2 - (y - mean) k3). The extremes
-  // are selected in registers, so no second look at them is needed.
+  // dy at position pos: dx = G g with the extremes' terms, then BatchNorm's backward
+  // alpha (dx - k2 - (y - mean) k3).
   template <typename U, typename Q>
   U dy(U G, U y, Q pos) const {
-    U d = G * g;
-    d = pos == imax ? d + dM : d;
-    d = pos == imin ? d + dm : d;
-    return alpha * (d - k2 - (y - mean) * k3);
+    return alpha * (ext.add(G * g, pos) - k2 - (y - mean) * k3);
   }
 };
 
@@ -458,11 +454,10 @@ void write_plane_major(const std::vector<at::Tensor>& ts, const BnBackward<T, Ac
       using I = IVec<Acc>;
       const ChannelNorm<Acc> k = channel_norm(b.mean, b.invstd, b.weight, b.bias, c);
       const Acc* part = b.part + nc;
-      const BnRowCoef<V, I> coef{V{} + part[kBnGate * b.NC], V{} + part[(kBnGate + 1) * b.NC],
-                                 V{} + part[(kBnGate + 2) * b.NC], V{} + k.alpha, V{} + k2[c],
-                                 V{} + k3[c], V{} + k.mean, I{} + b.idx[2 * nc],
-                                 I{} + b.idx[2 * nc + 1]};
-      const I iota = lane_iota<Acc>();
+      const BnRowCoef<V, I> coef{
+          V{} + part[kBnGate * b.NC], V{} + k.alpha, V{} + k2[c], V{} + k3[c], V{} + k.mean,
+          {V{} + part[(kBnGate + 1) * b.NC], V{} + part[(kBnGate + 2) * b.NC],
+           I{} + b.idx[2 * nc], I{} + b.idx[2 * nc + 1]}};
       for (int64_t row = 0; row < walk.rows; ++row)
         bn_input_grad_row<Unit, Relu, WriteDres, T, Acc>(
             v.grad.plane(n, c) + row * v.grad.sh, v.grad.sw,
@@ -470,9 +465,7 @@ void write_plane_major(const std::vector<at::Tensor>& ts, const BnBackward<T, Ac
             v.y.sw, v.dy.plane(n, c) + row * v.dy.sh, v.dy.sw,
             v.dres.plane(n, c) + row * v.dres.sh, v.dres.sw, walk.len,
             [&](int64_t) { return coef; },
-            [&](int64_t i) {  // lane l: element i / kLanes * kLanes + l of the row
-              return iota + static_cast<Pos<Acc>>(row * walk.len + i / kLanes * kLanes);
-            });
+            row_positions<Acc>(row * walk.len));
     }
   });
 }
@@ -493,15 +486,15 @@ void write_channel_major(const std::vector<at::Tensor>& ts, const BnBackward<T, 
       const int64_t cb = std::min(block, C - c0), used = (cb + kLanes - 1) / kLanes;
       for (int64_t k = 0; k < used; ++k) {
         BnRowCoef<V, I>& e = coef[k];
-        e = {V{}, V{}, V{}, V{}, V{}, V{}, V{}, I{} - 1, I{} - 1};
+        e = {V{}, V{}, V{}, V{}, V{}, {V{}, V{}, I{} - 1, I{} - 1}};
         for (int64_t j = 0; j < std::min<int64_t>(kLanes, cb - k * kLanes); ++j) {
           const int64_t c = c0 + k * kLanes + j, nc = n * C + c;
           const ChannelNorm<Acc> cn = channel_norm(b.mean, b.invstd, b.weight, b.bias, c);
           e.g[j] = b.part[kBnGate * b.NC + nc];
-          e.dM[j] = b.part[(kBnGate + 1) * b.NC + nc];
-          e.dm[j] = b.part[(kBnGate + 2) * b.NC + nc];
+          e.ext.dM[j] = b.part[(kBnGate + 1) * b.NC + nc];
+          e.ext.dm[j] = b.part[(kBnGate + 2) * b.NC + nc];
           e.alpha[j] = cn.alpha, e.k2[j] = k2[c], e.k3[j] = k3[c], e.mean[j] = cn.mean;
-          e.imax[j] = b.idx[2 * nc], e.imin[j] = b.idx[2 * nc + 1];
+          e.ext.imax[j] = b.idx[2 * nc], e.ext.imin[j] = b.idx[2 * nc + 1];
         }
       }
       for (int64_t h = 0; h < H; ++h)

@@ -35,17 +35,15 @@ struct BackwardViews {
 };
 
 // Per plane: read stats, compute the gradients' coefficients once S is known (kLanes planes at
-// a time, as the forward's gates), write partials, and add dM, dm at the saved positions
-// (recomputed there, in the same order as the kernels: G g, + dM, + dm, rounded once).
+// a time, as the forward's gates), write partials, and hand the writing rows dM, dm with
+// their saved positions (added there in the order of every kernel: G g, + dM, + dm).
 template <typename T, typename Acc, bool Relu>
 struct PlaneBackward {
-  const BackwardViews<T>& v;
   const Acc* stats;
   const int32_t* idx;
   Acc* part;
   Params<Acc> prm;
   int64_t C;
-  int32_t W;
 
   // Lane j: plane nc0 + j, from its S; partials stored for the first `count`.
   PlaneGrads<Vec<Acc>> grads(const Vec<Acc>& S, int64_t nc0, int count) const {
@@ -67,20 +65,20 @@ struct PlaneBackward {
     return lanes;
   }
 
-  // Lane j of pg: plane (n, c).
-  void add_extremes(int64_t n, int64_t c, const PlaneGrads<Vec<Acc>>& pg, int j) const {
-    const int64_t nc = n * C + c;
-    const int32_t imax = idx[2 * nc], imin = idx[2 * nc + 1];
-    auto fix = [&](int32_t pos) {
-      const int32_t h = pos / W, w = pos % W;
-      const Acc o = Relu ? static_cast<Acc>(v.out.at(n, c, h, w)) : Acc(0);
-      Acc d = relu_grad<Relu>(static_cast<Acc>(v.grad.at(n, c, h, w)), o) * pg.g[j];
-      if (pos == imax) d += pg.dM[j];
-      if (pos == imin) d += pg.dm[j];
-      v.dx.at(n, c, h, w) = static_cast<T>(d);
-    };
-    fix(imax);
-    if (imin != imax) fix(imin);
+  // Lane j of pg (plane nc0 + j), for input_grad_row: its dM, dm and their positions in
+  // every lane.
+  ExtremeGrads<Vec<Acc>, IVec<Acc>> extremes(const PlaneGrads<Vec<Acc>>& pg, int j,
+                                             int64_t nc) const {
+    return {Vec<Acc>{} + pg.dM[j], Vec<Acc>{} + pg.dm[j], IVec<Acc>{} + idx[2 * nc],
+            IVec<Acc>{} + idx[2 * nc + 1]};
+  }
+
+  // Planes nc0 .. nc0 + count - 1 in lanes 0 .. count - 1 (the others never match).
+  ExtremeGrads<Vec<Acc>, IVec<Acc>> extremes(const PlaneGrads<Vec<Acc>>& pg, int64_t nc0,
+                                             int count) const {
+    ExtremeGrads<Vec<Acc>, IVec<Acc>> e{pg.dM, pg.dm, IVec<Acc>{} - 1, IVec<Acc>{} - 1};
+    for (int j = 0; j < count; ++j) e.imax[j] = idx[2 * (nc0 + j)], e.imin[j] = idx[2 * (nc0 + j) + 1];
+    return e;
   }
 };
 
@@ -124,12 +122,13 @@ void backward_plane_major(const BackwardViews<T>& v, const std::vector<at::Tenso
           const T *gp = v.grad.plane(at.n, at.c), *op = v.out.plane(at.n, at.c);
           T *dp = v.dx.plane(at.n, at.c), *drp = v.dres.plane(at.n, at.c);
           const Vec<Acc> g = Vec<Acc>{} + grads.g[j];
+          const auto ext = pb.extremes(grads, j, at.n * C + at.c);
           for (int64_t row = 0; row < walk.rows; ++row)
             input_grad_row<Unit, Relu, WriteDres>(
                 gp + row * v.grad.sh, v.grad.sw, op + row * v.out.sh, v.out.sw,
                 dp + row * v.dx.sh, v.dx.sw, drp + row * v.dres.sh, v.dres.sw, walk.len,
-                [&](int64_t) { return g; });
-          pb.add_extremes(at.n, at.c, grads, j);
+                [&](int64_t) { return g; }, [&](int64_t) { return ext; },
+                row_positions<Acc>(row * walk.len));
         });
   });
 }
@@ -146,6 +145,7 @@ void backward_channel_major(const BackwardViews<T>& v, const std::vector<at::Ten
     // Channel j of the block is lane j % kLanes of group j / kLanes.
     V sums[kMaxChannelBlock / kLanes];
     PlaneGrads<V> grads[kMaxChannelBlock / kLanes];
+    ExtremeGrads<V, IVec<Acc>> ext[kMaxChannelBlock / kLanes];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / blocks, c0 = task % blocks * block;
       const int64_t cb = std::min(block, C - c0), full = cb / kLanes;
@@ -183,13 +183,17 @@ void backward_channel_major(const BackwardViews<T>& v, const std::vector<at::Ten
       for (int64_t k = 0; k < used; ++k)
         grads[k] = pb.grads(sums[k], n * C + c0 + k * kLanes,
                             static_cast<int>(std::min<int64_t>(kLanes, cb - k * kLanes)));
+      for (int64_t k = 0; k < used; ++k)
+        ext[k] = pb.extremes(grads[k], n * C + c0 + k * kLanes,
+                             static_cast<int>(std::min<int64_t>(kLanes, cb - k * kLanes)));
       for (int64_t h = 0; h < H; ++h)
         for (int64_t w = 0; w < W; ++w)
           input_grad_row<Unit, Relu, WriteDres>(
               gp + h * v.grad.sh + w * v.grad.sw, v.grad.sc, op + h * v.out.sh + w * v.out.sw,
               v.out.sc, dp + h * v.dx.sh + w * v.dx.sw, v.dx.sc, drp + h * v.dres.sh + w * v.dres.sw,
-              v.dres.sc, cb, [&](int64_t j) { return grads[j / kLanes].g; });
-      for (int64_t j = 0; j < cb; ++j) pb.add_extremes(n, c0 + j, grads[j / kLanes], j % kLanes);
+              v.dres.sc, cb, [&](int64_t j) { return grads[j / kLanes].g; },
+              [&](int64_t j) { return ext[j / kLanes]; },
+              [&](int64_t) { return IVec<Acc>{} + static_cast<Pos<Acc>>(h * W + w); });
     }
   });
 }
@@ -261,9 +265,8 @@ BackwardResult spem_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
       using Acc = at::opmath_type<T>;
       const BackwardViews<T> v{grad, x, out, dx, dr};
       with_bool(relu, [&](auto L) {
-        const PlaneBackward<T, Acc, L> pb{v, stats_c.data_ptr<Acc>(), idx_c.data_ptr<int32_t>(),
-                                          part.data_ptr<Acc>(), params_of<Acc>(prm), C,
-                                          static_cast<int32_t>(x.size(3))};
+        const PlaneBackward<T, Acc, L> pb{stats_c.data_ptr<Acc>(), idx_c.data_ptr<int32_t>(),
+                                          part.data_ptr<Acc>(), params_of<Acc>(prm), C};
         with_bool(unit, [&](auto U) {
           with_bool(write_dres, [&](auto D) {
             if (by_channel)

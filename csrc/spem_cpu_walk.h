@@ -171,11 +171,31 @@ void dot_row(const T* grad, int64_t sg, const T* out, int64_t so, const T* x, in
   }
 }
 
-// dx = G * g (the extremes are added afterwards) and dres = G over a row of `len` elements;
-// gates(i) as in write_out_row.
-template <bool Unit, bool Relu, bool WriteDres, typename T, typename Gates>
+// What the extremes add to the gradient reaching x: dM at position imax, dm at imin (as
+// vectors: lane l's for the element in lane l; lane(l): lane l's alone).
+template <typename V, typename P>
+struct ExtremeGrads {
+  V dM, dm;
+  P imax, imin;
+  ExtremeGrads<typename ElementOf<V>::type, typename ElementOf<P>::type> lane(int l) const {
+    return {dM[l], dm[l], imax[l], imin[l]};
+  }
+  // d at position pos, + dM at the max, + dm at the min (in this order, as every kernel adds
+  // them): selected in registers, so the extremes need no second visit.
+  template <typename U, typename Q>
+  U add(U d, Q pos) const {
+    d = pos == imax ? d + dM : d;
+    return pos == imin ? d + dm : d;
+  }
+};
+
+// dx = G * g with the extremes' terms, and dres = G, over a row of `len` elements; gates(i),
+// ext(i) and pos(i) are vectors whose lane i % kLanes holds element i's gate, ExtremeGrads
+// and position in its plane (for i a multiple of kLanes: elements i .. i + kLanes - 1's).
+template <bool Unit, bool Relu, bool WriteDres, typename T, typename Gates, typename Ext,
+          typename Positions>
 void input_grad_row(const T* grad, int64_t sg, const T* out, int64_t so, T* dx, int64_t sd,
-                    T* dres, int64_t sdr, int64_t len, Gates gates) {
+                    T* dres, int64_t sdr, int64_t len, Gates gates, Ext ext, Positions pos) {
   using V = decltype(gates(0));
   using Acc = typename ElementOf<V>::type;
   if (Unit) sg = so = sd = sdr = 1;
@@ -183,15 +203,24 @@ void input_grad_row(const T* grad, int64_t sg, const T* out, int64_t so, T* dx, 
   for (; i + kLanes <= len; i += kLanes) {
     const V o = Relu ? load<Acc, Unit>(out + i * so, so) : V{};
     const V G = relu_grad<Relu>(load<Acc, Unit>(grad + i * sg, sg), o);
-    store<Unit>(dx + i * sd, sd, G * gates(i));
+    store<Unit>(dx + i * sd, sd, ext(i).add(G * gates(i), pos(i)));
     if (WriteDres) store<Unit>(dres + i * sdr, sdr, G);
   }
   for (; i < len; ++i) {
     const Acc o = Relu ? static_cast<Acc>(out[i * so]) : Acc(0);
     const Acc G = relu_grad<Relu>(static_cast<Acc>(grad[i * sg]), o);
-    dx[i * sd] = static_cast<T>(G * gates(i)[i % kLanes]);
+    const int l = static_cast<int>(i % kLanes);
+    dx[i * sd] = static_cast<T>(ext(i).lane(l).add(G * gates(i)[l], pos(i)[l]));
     if (WriteDres) dres[i * sdr] = static_cast<T>(G);
   }
+}
+
+// Positions of a plane's row that starts at position pos0, in input_grad_row's form.
+template <typename Acc>
+auto row_positions(int64_t pos0) {
+  return [pos0, iota = lane_iota<Acc>()](int64_t i) {
+    return iota + static_cast<Pos<Acc>>(pos0 + i / kLanes * kLanes);
+  };
 }
 
 }  // namespace spem_native
