@@ -164,7 +164,8 @@ def write(result, path):
                  f"than plain, fwd+bwd {result['targets']['op_bn_min_vs_eager_fwd_bwd']:g}x "
                  f"eager; {passed}/{len(targets)} rows PASS"
                  + ("" if result["summary"]["quiet"] else
-                    f"; NOT QUIET: load average up to {result['summary']['max_load']:.1f}"),
+                    f"; NOT QUIET: others used up to "
+                    f"{result['summary']['max_others_cpus']:.1f} CPUs"),
                  fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.85 / fig.get_figheight()))  # room for 4 lines
     fig.savefig(path, dpi=110)

@@ -43,8 +43,8 @@ import torch
 from spem_kernels.backends import NAMES as BACKENDS, compiled_backends, unavailable_reason
 from spem_kernels.cases import (ALL_STAGES, DIRECTIONS, DTYPES, LAYOUTS, OPS, SHAPE_SETS,
                                 block_tail_call, stage_shape)
-from spem_kernels.timing import (copy_bandwidth, synchronize, time_calls, time_interleaved,
-                                 time_replays)
+from spem_kernels.timing import (OthersCpu, copy_bandwidth, synchronize, time_calls,
+                                 time_interleaved, time_replays)
 
 from . import model_bench, plot
 
@@ -69,10 +69,11 @@ OP_BN_MAX_VS_PLAIN, OP_BN_MIN_VS_EAGER = 1.0, 3.0
 PEERS = ("eager", "compile")
 PLAINS = ("plain", "plain-compile")  # spem_bn's rows only: the plain network's tail
 COMPILED = {"compile": "eager", "plain-compile": "plain"}  # what each torch.compiles
-# A run is quiet when the 1-minute load average stays below this at the start and end of every
-# case: with more, a call of a parallel kernel also waits for a core (on a shared 2-core machine
+# A run is quiet when other processes kept fewer CPUs than this busy during every case
+# (spem_kernels.timing.OthersCpu; not the load average, which counts the report's own threads):
+# with more, a call of a parallel kernel also waits for a core (on a shared 2-core machine
 # about a scheduler tick per parallel region), and times and their ratios do not reproduce.
-QUIET_LOAD = 0.5
+QUIET_OTHERS_CPUS = 0.25
 ROTATE_BYTES = 256 * 2**20  # input sets per case are rotated until they span this much
 # Model options whose defaults depend on the device (bf16 and graphs are GPU rows).
 DEVICE_DEFAULTS = {"cuda": {"model_batch": 128, "model_precisions": "fp32,bf16",
@@ -300,7 +301,7 @@ def measure_ops(a, copy_gbps):
             case = {"op": op, "stage": stage, "shape": list(stage_shape(stage, a.batch)),
                     "dtype": dtype, "layout": layout, "direction": direction,
                     "input_sets": sets, "bytes": nbytes}
-            load_start = os.getloadavg()[0]
+            load_start, others = os.getloadavg()[0], OthersCpu()
             rows, calls = [], {}
             if set(impls) & set(COMPILED):
                 torch._dynamo.reset()  # a fresh cache per case: no recompile limit, honest time
@@ -328,6 +329,7 @@ def measure_ops(a, copy_gbps):
                     row["python"] = (cell(timings[row["impl"]], nbytes, copy_gbps) if timings
                                      else {"error": error})
                 row["load_avg"] = [load_start, os.getloadavg()[0]]  # 1-minute, case start/end
+                row["others_cpus"] = others.cpus()  # other processes' CPUs busy in the case
                 print(progress(row), file=sys.stderr, flush=True)
             add_speedups(rows)
             for row in rows:
@@ -525,8 +527,20 @@ def summarize(meta, op_rows, model_rows):
     misses = [f"{what}: {verdict}" for what, verdict in checked if not verdict.startswith("PASS")]
     loads = [meta["load_avg_start"][0], meta["load_avg_end"][0]]
     loads += [load for r in op_rows for load in r.get("load_avg", [])]
+    others = [r["others_cpus"] for r in op_rows if r.get("others_cpus") is not None]
+    others += [meta["others_cpus"]] if meta.get("others_cpus") is not None else []
     return {"checked": len(checked), "passed": len(checked) - len(misses), "misses": misses,
-            "max_load": max(loads), "quiet": max(loads) < QUIET_LOAD}
+            "max_load": max(loads), "max_others_cpus": max(others, default=None),
+            "quiet": max(others, default=0.0) < QUIET_OTHERS_CPUS}
+
+
+def quiet_line(summary):
+    """What a run that was not quiet says, or None."""
+    if summary["quiet"]:
+        return None
+    return (f"NOT QUIET: other processes kept up to {summary['max_others_cpus']:.2f} CPUs busy "
+            f"during a case (quiet: < {QUIET_OTHERS_CPUS}; this run's own threads not counted): "
+            "calls also waited for a core, and these times and ratios may not reproduce")
 
 
 def fmt(value, spec):
@@ -555,10 +569,7 @@ def table(result):
              f"{meta['load_avg_end'][0]:.2f} at end",
              "kernel backends: " + "; ".join(f"{name}: {shorten(why, 100)}"
                                              for name, why in meta["backends"].items()),
-             *([] if result["summary"]["quiet"] else [
-                 f"NOT QUIET: load average up to {result['summary']['max_load']:.2f} during the "
-                 f"run (quiet: < {QUIET_LOAD}): calls also waited for a core, and these times "
-                 "and ratios may not reproduce"]),
+             *filter(None, [quiet_line(result["summary"])]),
              "medians; from Python: CUDA events around back-to-back calls, host cost included "
              "(CPU: perf_counter), a case's implementations in "
              f"{meta.get('rounds', 1)} interleaved rounds (the median round); GPU-only: replays "
@@ -566,14 +577,14 @@ def table(result):
              "x comp: from Python; /plain, /p-comp (spem_bn): time over the plain tail "
              "relu(bn(y) + residual)'s, eager and compiled; target: a fused backend no slower "
              "than the best peer (eager or compile), for spem_bn also no slower than plain and "
-             f"fwd+bwd {OP_BN_MIN_VS_EAGER:g}x eager; load: 1-minute load average at the case's "
-             "start",
+             f"fwd+bwd {OP_BN_MIN_VS_EAGER:g}x eager; others: CPUs that other processes kept busy "
+             "during the case",
              *([f"CUT SHORT: {meta['cut_short']}"] if meta.get("cut_short") else []),
              ""]
     head = (f"{'op':7} {'stage':7} {'N,C,H,W':14} {'dtype':8} {'layout':13} {'dir':7} "
             f"{'impl':13} {'MB':>7} | {'from Python: ms':>15} {'GB/s':>7} {'%copy':>6} | "
             f"{'GPU-only: ms':>12} {'GB/s':>7} {'%copy':>6} | {'x eager':>7} {'x comp':>7} "
-            f"{'/plain':>6} {'/p-comp':>7} {'load':>5}  target")
+            f"{'/plain':>6} {'/p-comp':>7} {'others':>6}  target")
     lines += [head, "-" * len(head)]
     previous = None
     for r in result["ops"]:
@@ -587,7 +598,7 @@ def table(result):
                      f"{op_cells(r['python']):>30} | {op_cells(r['graph']):>27} | "
                      f"{fmt(r['vs_eager'], '7.2f')} {fmt(r['vs_compile'], '7.2f')} "
                      f"{fmt(r.get('vs_plain'), '6.2f')} {fmt(r.get('vs_plain_compile'), '7.2f')} "
-                     f"{fmt((r.get('load_avg') or [None])[0], '5.2f')}  {r.get('target') or ''}")
+                     f"{fmt(r.get('others_cpus'), '6.2f')}  {r.get('target') or ''}")
         if "error" in r["python"]:
             lines.append(f"{'':65}n/a: {r['python']['error']}")
         elif r["graph"] and "error" in r["graph"]:
@@ -640,7 +651,7 @@ def save(result, stem):
 
 
 def main(argv=None):
-    started = time.perf_counter()
+    started, run_others = time.perf_counter(), OthersCpu()
     a = parse_args(argv)
     meta = environment(a)
     print(f"SPEM report on {meta['device']}: measuring copy bandwidth ...", file=sys.stderr)
@@ -673,6 +684,7 @@ def main(argv=None):
         seconds["ops"] = time.perf_counter() - start
         save(result, stem)
     meta["load_avg_end"] = os.getloadavg()
+    meta["others_cpus"] = run_others.cpus()
     meta["cut_short"] = a.cut_short
     result["summary"] = summarize(meta, result["ops"], result["model"])
     seconds["total"] = time.perf_counter() - started

@@ -8,6 +8,9 @@ no row times a wrong function.
 """
 import copy
 import json
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -250,10 +253,34 @@ def test_interleaved_rounds_take_a_count_per_workload():
     assert t["slow"].reps == 3 and t["fast"].reps == 12
 
 
-def test_a_run_is_quiet_only_below_the_load_limit():
-    meta = {"load_avg_start": (0.1, 0, 0), "load_avg_end": (0.2, 0, 0)}
-    rows = [{"load_avg": [0.3, 0.4]}]
-    assert report.summarize(meta, rows, [])["quiet"]
-    rows.append({"load_avg": [0.2, report.QUIET_LOAD]})
+def test_a_run_is_quiet_only_while_other_processes_leave_the_cpus_alone():
+    # A high load average alone (the report's own threads) does not make a run unquiet.
+    meta = {"load_avg_start": (1.9, 0, 0), "load_avg_end": (2.0, 0, 0), "others_cpus": 0.05}
+    rows = [{"load_avg": [1.8, 2.0], "others_cpus": 0.1}, {"load_avg": [2.0, 2.0]}]
     summary = report.summarize(meta, rows, [])
-    assert not summary["quiet"] and summary["max_load"] == report.QUIET_LOAD
+    assert summary["quiet"] and summary["max_others_cpus"] == 0.1 and summary["max_load"] == 2.0
+    assert report.quiet_line(summary) is None
+    rows.append({"load_avg": [0.2, 0.2], "others_cpus": report.QUIET_OTHERS_CPUS})
+    summary = report.summarize(meta, rows, [])
+    assert not summary["quiet"] and summary["max_others_cpus"] == report.QUIET_OTHERS_CPUS
+    assert report.quiet_line(summary).startswith("NOT QUIET")
+
+
+def test_others_cpu_counts_other_processes_not_this_one():
+    """A busy child process counts (about one CPU); this process's own work does not."""
+    others = timing.OthersCpu()
+    if others.cpus() is None:
+        pytest.skip("no /proc/stat here")
+    start = time.perf_counter()
+    x = torch.randn(512, 512)
+    while time.perf_counter() - start < 0.5:
+        x @ x  # this process, on every thread torch uses
+    assert others.cpus() < 0.5
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\n"
+                              "while time.time() - t < 1.5: pass"])
+    time.sleep(0.2)
+    others = timing.OthersCpu()
+    time.sleep(1.0)
+    busy = others.cpus()
+    child.wait()
+    assert busy > 0.5

@@ -223,7 +223,6 @@ BnForwardResult spem_bn_forward_cpu(const at::Tensor& y,
                    training);
   auto [out, stats, idx, mean, invstd] = allocate_bn_forward(y);
   if (y.numel() == 0) return {out, stats, idx, mean.zero_(), invstd.zero_()};
-  prefer_huge_pages(out);
   const auto acc = compute_dtype(y.scalar_type());
   BnTensors bn = bn_tensors(running_mean, running_var, weight, bias, acc);
   bn_forward_cpu<true>(y, bn, compute_params(w1, b1, w2, b2, p, acc), residual, training,
@@ -243,7 +242,6 @@ at::Tensor spem_bn_output_cpu(const at::Tensor& y, const std::optional<at::Tenso
                    training);
   at::Tensor out = at::empty_like(y);
   if (y.numel() == 0) return out;
-  prefer_huge_pages(out);
   const auto acc = compute_dtype(y.scalar_type());
   BnTensors bn = bn_tensors(running_mean, running_var, weight, bias, acc);
   const at::Tensor mean = at::empty({y.size(1)}, y.options().dtype(acc));
@@ -464,7 +462,7 @@ void write_plane_major(const std::vector<at::Tensor>& ts, const BnBackward<T, Ac
             v.out.plane(n, c) + row * v.out.sh, v.out.sw, v.y.plane(n, c) + row * v.y.sh,
             v.y.sw, v.dy.plane(n, c) + row * v.dy.sh, v.dy.sw,
             v.dres.plane(n, c) + row * v.dres.sh, v.dres.sw, walk.len,
-            [&](int64_t) { return coef; },
+            [&](int64_t) -> const BnRowCoef<V, I>& { return coef; },
             row_positions<Acc>(row * walk.len));
     }
   });
@@ -505,7 +503,7 @@ void write_channel_major(const std::vector<at::Tensor>& ts, const BnBackward<T, 
               v.y.plane(n, c0) + h * v.y.sh + w * v.y.sw, v.y.sc,
               v.dy.plane(n, c0) + h * v.dy.sh + w * v.dy.sw, v.dy.sc,
               v.dres.plane(n, c0) + h * v.dres.sh + w * v.dres.sw, v.dres.sc, cb,
-              [&](int64_t i) { return coef[i / kLanes]; },
+              [&](int64_t i) -> const BnRowCoef<V, I>& { return coef[i / kLanes]; },
               [&](int64_t) { return I{} + static_cast<Pos<Acc>>(h * W + w); });
     }
   });
@@ -523,8 +521,6 @@ BnBackwardResult spem_bn_backward_cpu(const at::Tensor& grad, const at::Tensor& 
                                       bool write_dres) {
   check_bn_backward(grad, y, out, stats, idx, mean, invstd, weight, bias, w1, b1, w2, b2, p);
   auto [dy, dres] = allocate_input_grads(y, write_dres);
-  prefer_huge_pages(dy);
-  prefer_huge_pages(dres);
   const int64_t N = y.size(0), C = y.size(1), HW = y.size(2) * y.size(3);
   const auto acc = compute_dtype(y.scalar_type());
   const ParamTensors prm = compute_params(w1, b1, w2, b2, p, acc);

@@ -192,7 +192,7 @@ void backward_channel_major(const BackwardViews<T>& v, const std::vector<at::Ten
               gp + h * v.grad.sh + w * v.grad.sw, v.grad.sc, op + h * v.out.sh + w * v.out.sw,
               v.out.sc, dp + h * v.dx.sh + w * v.dx.sw, v.dx.sc, drp + h * v.dres.sh + w * v.dres.sw,
               v.dres.sc, cb, [&](int64_t j) { return grads[j / kLanes].g; },
-              [&](int64_t j) { return ext[j / kLanes]; },
+              [&](int64_t j) -> const ExtremeGrads<V, IVec<Acc>>& { return ext[j / kLanes]; },
               [&](int64_t) { return IVec<Acc>{} + static_cast<Pos<Acc>>(h * W + w); });
     }
   });
@@ -219,7 +219,6 @@ ForwardResult spem_forward_cpu(const at::Tensor& x, const at::Tensor& w1, const 
                                const std::optional<at::Tensor>& residual, bool relu) {
   check_forward(x, w1, b1, w2, b2, p, residual);
   auto [out, stats, idx] = allocate_forward(x);
-  prefer_huge_pages(out);
   if (out.numel() > 0)
     forward_walk<true>(x, compute_params(w1, b1, w2, b2, p, compute_dtype(x.scalar_type())),
                        residual, relu, out, stats, idx, [](auto) { return NoNorm(); });
@@ -231,7 +230,6 @@ at::Tensor spem_output_cpu(const at::Tensor& x, const at::Tensor& w1, const at::
                            const std::optional<at::Tensor>& residual, bool relu) {
   check_forward(x, w1, b1, w2, b2, p, residual);
   at::Tensor out = at::empty_like(x);
-  prefer_huge_pages(out);
   if (out.numel() > 0)
     forward_walk<false>(x, compute_params(w1, b1, w2, b2, p, compute_dtype(x.scalar_type())),
                         residual, relu, out, at::Tensor(), at::Tensor(),
@@ -247,8 +245,6 @@ BackwardResult spem_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
                                  bool write_dres) {
   check_backward(grad, x, out, stats, idx, w1, b1, w2, b2, p);
   auto [dx, dres] = allocate_input_grads(x, write_dres);
-  prefer_huge_pages(dx);
-  prefer_huge_pages(dres);
   const int64_t N = x.size(0), C = x.size(1);
   const auto acc = compute_dtype(x.scalar_type());
   const ParamTensors prm = compute_params(w1, b1, w2, b2, p, acc);

@@ -7,10 +7,6 @@
 
 #include <ATen/ATen.h>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
@@ -60,23 +56,6 @@ void walk_groups(int64_t begin, int64_t end, int64_t C, int group, First first, 
     at = PlaneIndex(nc0, C);
     for (int j = 0; j < count; ++j, at.next(C)) second(j, at);
   }
-}
-
-// Outputs are fresh tensors, and a large one is fresh memory: glibc maps allocations of more
-// than 32 MiB (and, by its trimming, often smaller ones) anew from the kernel, and the first
-// write to each 4 KiB page then faults and zeroes it; for a 33 MB output that was two thirds
-// of the SPEM forward's time (measured: 64x32x32 float32 at batch 128, 1 thread, 23.5 -> 8.2
-// ms). Advised to use transparent huge pages, the aligned 2 MiB inside of such a tensor faults
-// once per 2 MiB. PyTorch's own CPU allocator does the same with THP_MEM_ALLOC_ENABLE=1; this
-// applies it to the kernels' own outputs only. A no-op where the kernel has no THP.
-inline void prefer_huge_pages(const at::Tensor& fresh) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(fresh.data_ptr());
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t last = (begin + fresh.nbytes()) & ~(kHuge - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#endif
 }
 
 template <typename F>

@@ -18,11 +18,14 @@ Triton's do_bench for graph replays (Triton is present wherever CUDA kernels run
   that a burst of load on a shared machine hits all of them alike (the report's op rows
   time every implementation of a case this way).
 - dispatched_ops: the operations a call dispatches (its host cost, counted).
+- OthersCpu: how many CPUs other processes kept busy over an interval (whether a CPU
+  measurement shared the machine).
 - capture: the standard capture of a function in a CUDA graph (warm-up on a side stream,
   then record), kept together with what the graph reads; on_side_stream and record are its
   two halves, which the trainer's captured step (spem_kernels.cuda_graphs) uses apart.
 """
 import itertools
+import os
 import statistics
 import time
 from typing import Callable, NamedTuple, Optional
@@ -198,6 +201,35 @@ def dispatched_ops(fn):
     with Recorder() as recorder:
         result = fn()
     return result, recorder.ops
+
+
+class OthersCpu:
+    """CPUs' worth of work done by other processes since this was made: the machine's busy
+    time (/proc/stat) less this process's own CPU time (every thread of it), over the wall
+    time. The load average cannot tell that: it counts this process's own running threads (a
+    2-thread CPU benchmark alone keeps it near 2). ``cpus()`` is None where /proc/stat is
+    missing (not Linux)."""
+
+    def __init__(self):
+        self._start = self._sample()
+
+    @staticmethod
+    def _sample():
+        try:
+            with open("/proc/stat") as f:
+                ticks = [int(v) for v in f.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        busy = sum(ticks) - ticks[3] - ticks[4]  # all but idle and iowait
+        own = os.times()
+        return time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+    def cpus(self):
+        end = self._sample()
+        if self._start is None or end is None or end[0] <= self._start[0]:
+            return None
+        (t0, busy0, own0), (t1, busy1, own1) = self._start, end
+        return max(0.0, ((busy1 - busy0) - (own1 - own0)) / (t1 - t0))
 
 
 def copy_bandwidth(device, nbytes, min_time_s=1.0):
