@@ -189,8 +189,10 @@ def activation_memory(variant, precision, device, batch, depth):
 
 
 # glibc keeps freed blocks resident at random (repeated runs differ by 20%); returning every
-# block of 64 KiB or more to the OS makes the CPU peak repeatable to 1 MB.
-_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+# block of 64 KiB or more to the OS makes the CPU peak repeatable to 1 MB (glibc's defaults
+# for the rest, whatever the timing runs use: bench.sh turns mmap off for them).
+_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_MMAP_MAX_": "65536",
+               "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
 def run(args, extra_env=None, deadline=None):

@@ -205,8 +205,8 @@ def dispatched_ops(fn):
 
 class OthersCpu:
     """CPUs' worth of work done by other processes since this was made: the machine's busy
-    time (/proc/stat) less this process's own CPU time (every thread of it), over the wall
-    time. The load average cannot tell that: it counts this process's own running threads (a
+    time (/proc/stat) less this process's own CPU time (every thread of it, and the children
+    it waited for), over the wall time. The load average cannot tell that: it counts this process's own running threads (a
     2-thread CPU benchmark alone keeps it near 2). ``cpus()`` is None where /proc/stat is
     missing (not Linux)."""
 
@@ -221,8 +221,9 @@ class OthersCpu:
         except (OSError, ValueError):
             return None
         busy = sum(ticks) - ticks[3] - ticks[4]  # all but idle and iowait
-        own = os.times()
-        return time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
+        own = os.times()  # with the children it waited for (the report's memory processes)
+        return (time.monotonic(), busy / os.sysconf("SC_CLK_TCK"),
+                own.user + own.system + own.children_user + own.children_system)
 
     def cpus(self):
         end = self._sample()
