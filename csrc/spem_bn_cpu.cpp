@@ -254,18 +254,12 @@ at::Tensor spem_bn_output_cpu(const at::Tensor& y, const std::optional<at::Tenso
 
 // --- backward ---
 
-template <typename T>
-struct BnBackwardViews {
-  View<const T> grad, y, out;
-  View<T> dy, dres;
-};
-
 // What both passes of the backward read: per channel mean, invstd and BatchNorm's affine
 // parameters, per plane the forward's stats and positions, and the (N, C) planes of scratch
 // (spem_bn_math.h: kBnPlanes).
 template <typename T, typename Acc, bool Relu>
 struct BnBackward {
-  const BnBackwardViews<T>& v;
+  const BackwardViews<T>& v;
   const Acc *mean, *invstd, *weight, *bias, *stats;
   const int32_t* idx;
   Acc* part;
@@ -274,7 +268,7 @@ struct BnBackward {
 
   // y - mean at plane (n, c)'s position pos.
   Acc deviation(int64_t n, int64_t c, int32_t pos) const {
-    return static_cast<Acc>(v.y.at(n, c, pos / W, pos % W)) - mean[c];
+    return static_cast<Acc>(v.x.at(n, c, pos / W, pos % W)) - mean[c];
   }
 
   // Planes nc0 .. nc0 + count - 1 in lanes 0 .. count - 1 (their channels: channel_of(j)),
@@ -394,7 +388,7 @@ void reduce_plane_major(const std::vector<at::Tensor>& ts, const BnBackward<T, A
           bn_sums_row<Unit, Relu, false, T, Acc>(
               v.grad.plane(at.n, at.c) + row * v.grad.sh, v.grad.sw,
               v.out.plane(at.n, at.c) + row * v.out.sh, v.out.sw,
-              v.y.plane(at.n, at.c) + row * v.y.sh, v.y.sw, walk.len,
+              v.x.plane(at.n, at.c) + row * v.x.sh, v.x.sw, walk.len,
               [&](int64_t) { return mu; }, SG + j, SD + j);
       }
       std::fill(SG + count, SG + kLanes, Vec<Acc>{});
@@ -426,7 +420,7 @@ void reduce_channel_major(const std::vector<at::Tensor>& ts, const BnBackward<T,
           bn_sums_row<Unit, Relu, true, T, Acc>(
               v.grad.plane(n, c0) + h * v.grad.sh + w * v.grad.sw, v.grad.sc,
               v.out.plane(n, c0) + h * v.out.sh + w * v.out.sw, v.out.sc,
-              v.y.plane(n, c0) + h * v.y.sh + w * v.y.sw, v.y.sc, cb,
+              v.x.plane(n, c0) + h * v.x.sh + w * v.x.sw, v.x.sc, cb,
               [&](int64_t k) { return mu[k]; }, SG, SD);
       for (int64_t k = 0; k < used; ++k)
         b.plane_grads_of(SG[k], SD[k], n * C + c0 + k * kLanes,
@@ -459,8 +453,8 @@ void write_plane_major(const std::vector<at::Tensor>& ts, const BnBackward<T, Ac
       for (int64_t row = 0; row < walk.rows; ++row)
         bn_input_grad_row<Unit, Relu, WriteDres, T, Acc>(
             v.grad.plane(n, c) + row * v.grad.sh, v.grad.sw,
-            v.out.plane(n, c) + row * v.out.sh, v.out.sw, v.y.plane(n, c) + row * v.y.sh,
-            v.y.sw, v.dy.plane(n, c) + row * v.dy.sh, v.dy.sw,
+            v.out.plane(n, c) + row * v.out.sh, v.out.sw, v.x.plane(n, c) + row * v.x.sh,
+            v.x.sw, v.dx.plane(n, c) + row * v.dx.sh, v.dx.sw,
             v.dres.plane(n, c) + row * v.dres.sh, v.dres.sw, walk.len,
             [&](int64_t) -> const BnRowCoef<V, I>& { return coef; },
             row_positions<Acc>(row * walk.len));
@@ -500,8 +494,8 @@ void write_channel_major(const std::vector<at::Tensor>& ts, const BnBackward<T, 
           bn_input_grad_row<Unit, Relu, WriteDres, T, Acc>(
               v.grad.plane(n, c0) + h * v.grad.sh + w * v.grad.sw, v.grad.sc,
               v.out.plane(n, c0) + h * v.out.sh + w * v.out.sw, v.out.sc,
-              v.y.plane(n, c0) + h * v.y.sh + w * v.y.sw, v.y.sc,
-              v.dy.plane(n, c0) + h * v.dy.sh + w * v.dy.sw, v.dy.sc,
+              v.x.plane(n, c0) + h * v.x.sh + w * v.x.sw, v.x.sc,
+              v.dx.plane(n, c0) + h * v.dx.sh + w * v.dx.sw, v.dx.sc,
               v.dres.plane(n, c0) + h * v.dres.sh + w * v.dres.sw, v.dres.sc, cb,
               [&](int64_t i) -> const BnRowCoef<V, I>& { return coef[i / kLanes]; },
               [&](int64_t) { return I{} + static_cast<Pos<Acc>>(h * W + w); });
@@ -538,7 +532,7 @@ BnBackwardResult spem_bn_backward_cpu(const at::Tensor& grad, const at::Tensor& 
     using Acc = at::opmath_type<T>;
     const int64_t NC = N * C;
     std::vector<Acc> part(kBnPlanes * NC, Acc(0));
-    const BnBackwardViews<T> v{grad, y, out, dy, dr};
+    const BackwardViews<T> v{grad, y, out, dy, dr};
     const Acc* invstd_d = invstd_c.data_ptr<Acc>();
     std::vector<Acc> coef(2 * C);  // k2, k3
     with_bool(relu, [&](auto L) {

@@ -28,12 +28,6 @@ namespace {
 
 // --- backward ---
 
-template <typename T>
-struct BackwardViews {
-  View<const T> grad, x, out;
-  View<T> dx, dres;
-};
-
 // Per plane: read stats, compute the gradients' coefficients once S is known (kLanes planes at
 // a time, as the forward's gates), write partials, and hand the writing rows dM, dm with
 // their saved positions (added there in the order of every kernel: G g, + dM, + dm).

@@ -91,6 +91,13 @@ inline int64_t channel_block(int64_t C, int64_t HW) {
   return std::min(C, block);
 }
 
+// What a backward reads and writes, each through its strides (spem_bn: x is y, dx is dy).
+template <typename T>
+struct BackwardViews {
+  View<const T> grad, x, out;
+  View<T> dx, dres;
+};
+
 // relu?(gy + residual), for a value or a vector.
 template <bool HasRes, bool Relu, typename V>
 V block_tail(V gy, V residual) {
