@@ -18,27 +18,36 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// The argument types of spem_forward / spem_output and of spem_bn_forward / spem_bn_output
+// (R: what each returns).
+template <typename R>
+using SpemSignature = R(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                        const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                        const std::optional<at::Tensor>&, bool);
+template <typename R>
+using SpemBnSignature = R(const at::Tensor&, const std::optional<at::Tensor>&,
+                          const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                          const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+                          const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                          const std::optional<at::Tensor>&, bool, double, double, bool);
+
+// The kernel op `name` of the native library, typed (looked up once by each caller's static).
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> kernel_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
 ForwardResult call_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
                            const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& p,
                            const std::optional<at::Tensor>& residual, bool relu) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("spem_native::spem_forward", "")
-          .typed<ForwardResult(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                               const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                               const std::optional<at::Tensor>&, bool)>();
+  static const auto op = kernel_op<SpemSignature<ForwardResult>>("spem_native::spem_forward");
   return op.call(x, w1, b1, w2, b2, p, residual, relu);
 }
 
 at::Tensor call_output(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
                        const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& p,
                        const std::optional<at::Tensor>& residual, bool relu) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("spem_native::spem_output", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const std::optional<at::Tensor>&, bool)>();
+  static const auto op = kernel_op<SpemSignature<at::Tensor>>("spem_native::spem_output");
   return op.call(x, w1, b1, w2, b2, p, residual, relu);
 }
 
@@ -48,12 +57,10 @@ BackwardResult call_backward(const at::Tensor& grad, const at::Tensor& x, const 
                              const at::Tensor& b2, const at::Tensor& p, bool relu,
                              bool write_dres) {
   static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("spem_native::spem_backward", "")
-          .typed<BackwardResult(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                const at::Tensor&, bool, bool)>();
+      kernel_op<BackwardResult(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                               const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                               const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                               const at::Tensor&, bool, bool)>("spem_native::spem_backward");
   return op.call(grad, x, out, stats, idx, w1, b1, w2, b2, p, relu, write_dres);
 }
 
@@ -95,14 +102,7 @@ BnForwardResult call_bn_forward(const at::Tensor& y, const std::optional<at::Ten
                                 const at::Tensor& p, const std::optional<at::Tensor>& residual,
                                 bool training, double momentum, double eps, bool relu) {
   static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("spem_native::spem_bn_forward", "")
-          .typed<BnForwardResult(
-              const at::Tensor&, const std::optional<at::Tensor>&,
-              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-              const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
-              const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              const std::optional<at::Tensor>&, bool, double, double, bool)>();
+      kernel_op<SpemBnSignature<BnForwardResult>>("spem_native::spem_bn_forward");
   return op.call(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p, residual,
                  training, momentum, eps, relu);
 }
@@ -116,15 +116,11 @@ BnBackwardResult call_bn_backward(const at::Tensor& grad, const at::Tensor& y,
                                   const at::Tensor& b1, const at::Tensor& w2,
                                   const at::Tensor& b2, const at::Tensor& p, bool training,
                                   bool relu, bool write_dres) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("spem_native::spem_bn_backward", "")
-          .typed<BnBackwardResult(
-              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              const at::Tensor&, bool, bool, bool)>();
+  static const auto op = kernel_op<BnBackwardResult(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+      const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      const at::Tensor&, const at::Tensor&, bool, bool, bool)>("spem_native::spem_bn_backward");
   return op.call(grad, y, out, stats, idx, mean, invstd, weight, bias, w1, b1, w2, b2, p,
                  training, relu, write_dres);
 }
@@ -209,15 +205,7 @@ at::Tensor call_bn_output(const at::Tensor& y, const std::optional<at::Tensor>& 
                           const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
                           const at::Tensor& p, const std::optional<at::Tensor>& residual,
                           bool training, double momentum, double eps, bool relu) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("spem_native::spem_bn_output", "")
-          .typed<at::Tensor(
-              const at::Tensor&, const std::optional<at::Tensor>&,
-              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-              const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
-              const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              const std::optional<at::Tensor>&, bool, double, double, bool)>();
+  static const auto op = kernel_op<SpemBnSignature<at::Tensor>>("spem_native::spem_bn_output");
   return op.call(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p, residual,
                  training, momentum, eps, relu);
 }

@@ -43,14 +43,6 @@ Vec<Acc> channel_lanes(const Acc* v, int64_t c0, int64_t count) {
   return out;
 }
 
-// Lane j: v[(nc0 + j) % C], the channel of plane nc0 + j.
-template <typename Acc>
-Vec<Acc> plane_lanes(const Acc* v, int64_t nc0, int64_t C) {
-  Vec<Acc> out;
-  for (int64_t j = 0, c = nc0 % C; j < kLanes; ++j, c = c + 1 == C ? 0 : c + 1) out[j] = v[c];
-  return out;
-}
-
 // BatchNorm as the Norm of SPEM's forward walk: x = y alpha[c] + beta[c].
 template <typename Acc>
 struct BnNorm {
@@ -181,11 +173,19 @@ void finalize_channels(const Acc* plane_mean, const Acc* plane_m2, int64_t N, in
 // The forward: BatchNorm's statistics, then SPEM's forward walk of x = y alpha + beta (Track:
 // storing the planes' stats and positions for the backward).
 template <bool Track>
-void bn_forward_cpu(const at::Tensor& y, const BnTensors& bn, const ParamTensors& prm,
-                    const std::optional<at::Tensor>& residual, bool training, double momentum,
-                    double eps, bool relu, const at::Tensor& out, const at::Tensor& stats,
-                    const at::Tensor& idx, const at::Tensor& mean, const at::Tensor& invstd) {
+void bn_forward_cpu(const at::Tensor& y, const std::optional<at::Tensor>& running_mean,
+                    const std::optional<at::Tensor>& running_var,
+                    const std::optional<at::Tensor>& weight,
+                    const std::optional<at::Tensor>& bias, const at::Tensor& w1,
+                    const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+                    const at::Tensor& p, const std::optional<at::Tensor>& residual,
+                    bool training, double momentum, double eps, bool relu, const at::Tensor& out,
+                    const at::Tensor& stats, const at::Tensor& idx, const at::Tensor& mean,
+                    const at::Tensor& invstd) {
   const int64_t N = y.size(0), C = y.size(1), HW = y.size(2) * y.size(3);
+  const auto acc = compute_dtype(y.scalar_type());
+  BnTensors bn = bn_tensors(running_mean, running_var, weight, bias, acc);
+  const ParamTensors prm = compute_params(w1, b1, w2, b2, p, acc);
   const bool by_channel = channel_major(y);
   const bool unit = unit_stride({y}, by_channel ? 1 : 3);
   at::Tensor alpha = at::empty({C}, mean.options()), beta = at::empty({C}, mean.options());
@@ -208,6 +208,7 @@ void bn_forward_cpu(const at::Tensor& y, const BnTensors& bn, const ParamTensors
     using Acc = decltype(zero);
     return BnNorm<Acc>{alpha.data_ptr<Acc>(), beta.data_ptr<Acc>()};
   });
+  if (training) bn.finish();
 }
 
 BnForwardResult spem_bn_forward_cpu(const at::Tensor& y,
@@ -223,11 +224,8 @@ BnForwardResult spem_bn_forward_cpu(const at::Tensor& y,
                    training);
   auto [out, stats, idx, mean, invstd] = allocate_bn_forward(y);
   if (y.numel() == 0) return {out, stats, idx, mean.zero_(), invstd.zero_()};
-  const auto acc = compute_dtype(y.scalar_type());
-  BnTensors bn = bn_tensors(running_mean, running_var, weight, bias, acc);
-  bn_forward_cpu<true>(y, bn, compute_params(w1, b1, w2, b2, p, acc), residual, training,
-                       momentum, eps, relu, out, stats, idx, mean, invstd);
-  if (training) bn.finish();
+  bn_forward_cpu<true>(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p, residual,
+                       training, momentum, eps, relu, out, stats, idx, mean, invstd);
   return {out, stats, idx, mean, invstd};
 }
 
@@ -242,13 +240,10 @@ at::Tensor spem_bn_output_cpu(const at::Tensor& y, const std::optional<at::Tenso
                    training);
   at::Tensor out = at::empty_like(y);
   if (y.numel() == 0) return out;
-  const auto acc = compute_dtype(y.scalar_type());
-  BnTensors bn = bn_tensors(running_mean, running_var, weight, bias, acc);
-  const at::Tensor mean = at::empty({y.size(1)}, y.options().dtype(acc));
-  bn_forward_cpu<false>(y, bn, compute_params(w1, b1, w2, b2, p, acc), residual, training,
-                        momentum, eps, relu, out, at::Tensor(), at::Tensor(), mean,
+  const at::Tensor mean = at::empty({y.size(1)}, y.options().dtype(compute_dtype(y.scalar_type())));
+  bn_forward_cpu<false>(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p, residual,
+                        training, momentum, eps, relu, out, at::Tensor(), at::Tensor(), mean,
                         at::empty_like(mean));
-  if (training) bn.finish();
   return out;
 }
 
@@ -271,15 +266,13 @@ struct BnBackward {
     return static_cast<Acc>(v.x.at(n, c, pos / W, pos % W)) - mean[c];
   }
 
-  // Planes nc0 .. nc0 + count - 1 in lanes 0 .. count - 1 (their channels: channel_of(j)),
-  // from their sums SG and SD: the SPEM partials, the plane sums of dx and dx (y - mean), and
-  // g, dM, dm for the writing pass, stored in the scratch.
-  template <typename ChannelOf>
-  void plane_grads_of(const Vec<Acc>& SG, const Vec<Acc>& SD, int64_t nc0, int count,
-                      ChannelOf channel_of) const {
+  // Planes nc0 .. nc0 + count - 1 in lanes 0 .. count - 1, from their sums SG and SD: the
+  // SPEM partials, the plane sums of dx and dx (y - mean), and g, dM, dm for the writing
+  // pass, stored in the scratch.
+  void plane_grads_of(const Vec<Acc>& SG, const Vec<Acc>& SD, int64_t nc0, int count) const {
     Vec<Acc> alpha{}, b{}, M{}, m{}, dev_max{}, dev_min{};
     for (int j = 0; j < count; ++j) {
-      const int64_t nc = nc0 + j, c = channel_of(j), n = nc / C;
+      const int64_t nc = nc0 + j, c = nc % C, n = nc / C;
       const ChannelNorm<Acc> k = channel_norm(mean, invstd, weight, bias, c);
       alpha[j] = k.alpha, b[j] = k.bias;
       M[j] = stats[2 * nc], m[j] = stats[2 * nc + 1];
@@ -394,7 +387,7 @@ void reduce_plane_major(const std::vector<at::Tensor>& ts, const BnBackward<T, A
       std::fill(SG + count, SG + kLanes, Vec<Acc>{});
       std::fill(SD + count, SD + kLanes, Vec<Acc>{});
       const Vec<Acc> sg = fold_sums<Acc>(SG), sd = fold_sums<Acc>(SD);
-      b.plane_grads_of(sg, sd, nc0, count, [&](int j) { return (nc0 + j) % C; });
+      b.plane_grads_of(sg, sd, nc0, count);
     }
   });
 }
@@ -424,8 +417,7 @@ void reduce_channel_major(const std::vector<at::Tensor>& ts, const BnBackward<T,
               [&](int64_t k) { return mu[k]; }, SG, SD);
       for (int64_t k = 0; k < used; ++k)
         b.plane_grads_of(SG[k], SD[k], n * C + c0 + k * kLanes,
-                         static_cast<int>(std::min<int64_t>(kLanes, cb - k * kLanes)),
-                         [&](int j) { return c0 + k * kLanes + j; });
+                         static_cast<int>(std::min<int64_t>(kLanes, cb - k * kLanes)));
     }
   });
 }
