@@ -40,14 +40,14 @@ c10::TypedOperatorHandle<Signature> kernel_op(const char* name) {
 ForwardResult call_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
                            const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& p,
                            const std::optional<at::Tensor>& residual, bool relu) {
-  static const auto op = kernel_op<SpemSignature<ForwardResult>>("spem_native::spem_forward");
+  static const auto op = kernel_op<SpemSignature<ForwardResult>>(SPEM_OP("spem_forward"));
   return op.call(x, w1, b1, w2, b2, p, residual, relu);
 }
 
 at::Tensor call_output(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
                        const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& p,
                        const std::optional<at::Tensor>& residual, bool relu) {
-  static const auto op = kernel_op<SpemSignature<at::Tensor>>("spem_native::spem_output");
+  static const auto op = kernel_op<SpemSignature<at::Tensor>>(SPEM_OP("spem_output"));
   return op.call(x, w1, b1, w2, b2, p, residual, relu);
 }
 
@@ -60,7 +60,7 @@ BackwardResult call_backward(const at::Tensor& grad, const at::Tensor& x, const 
       kernel_op<BackwardResult(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                               const at::Tensor&, bool, bool)>("spem_native::spem_backward");
+                               const at::Tensor&, bool, bool)>(SPEM_OP("spem_backward"));
   return op.call(grad, x, out, stats, idx, w1, b1, w2, b2, p, relu, write_dres);
 }
 
@@ -102,7 +102,7 @@ BnForwardResult call_bn_forward(const at::Tensor& y, const std::optional<at::Ten
                                 const at::Tensor& p, const std::optional<at::Tensor>& residual,
                                 bool training, double momentum, double eps, bool relu) {
   static const auto op =
-      kernel_op<SpemBnSignature<BnForwardResult>>("spem_native::spem_bn_forward");
+      kernel_op<SpemBnSignature<BnForwardResult>>(SPEM_OP("spem_bn_forward"));
   return op.call(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p, residual,
                  training, momentum, eps, relu);
 }
@@ -120,7 +120,7 @@ BnBackwardResult call_bn_backward(const at::Tensor& grad, const at::Tensor& y,
       const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
       const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
       const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-      const at::Tensor&, const at::Tensor&, bool, bool, bool)>("spem_native::spem_bn_backward");
+      const at::Tensor&, const at::Tensor&, bool, bool, bool)>(SPEM_OP("spem_bn_backward"));
   return op.call(grad, y, out, stats, idx, mean, invstd, weight, bias, w1, b1, w2, b2, p,
                  training, relu, write_dres);
 }
@@ -205,7 +205,7 @@ at::Tensor call_bn_output(const at::Tensor& y, const std::optional<at::Tensor>& 
                           const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
                           const at::Tensor& p, const std::optional<at::Tensor>& residual,
                           bool training, double momentum, double eps, bool relu) {
-  static const auto op = kernel_op<SpemBnSignature<at::Tensor>>("spem_native::spem_bn_output");
+  static const auto op = kernel_op<SpemBnSignature<at::Tensor>>(SPEM_OP("spem_bn_output"));
   return op.call(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p, residual,
                  training, momentum, eps, relu);
 }
@@ -251,12 +251,12 @@ at::Tensor spem_bn_inference(const at::Tensor& y, const std::optional<at::Tensor
 }  // namespace
 }  // namespace spem_native
 
-TORCH_LIBRARY_IMPL(spem_native, Autograd, m) {
+SPEM_TORCH_LIBRARY_IMPL(SPEM_LIBRARY, Autograd, m) {
   m.impl("spem", &spem_native::spem_autograd);
   m.impl("spem_bn", &spem_native::spem_bn_autograd);
 }
 
-TORCH_LIBRARY_IMPL(spem_native, CompositeExplicitAutograd, m) {
+SPEM_TORCH_LIBRARY_IMPL(SPEM_LIBRARY, CompositeExplicitAutograd, m) {
   m.impl("spem", &spem_native::spem_inference);
   m.impl("spem_bn", &spem_native::spem_bn_inference);
 }

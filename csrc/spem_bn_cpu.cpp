@@ -581,7 +581,7 @@ BnBackwardResult spem_bn_backward_cpu(const at::Tensor& grad, const at::Tensor& 
 }  // namespace
 }  // namespace spem_native
 
-TORCH_LIBRARY_IMPL(spem_native, CPU, m) {
+SPEM_TORCH_LIBRARY_IMPL(SPEM_LIBRARY, CPU, m) {
   m.impl("spem_bn_forward", &spem_native::spem_bn_forward_cpu);
   m.impl("spem_bn_output", &spem_native::spem_bn_output_cpu);
   m.impl("spem_bn_backward", &spem_native::spem_bn_backward_cpu);

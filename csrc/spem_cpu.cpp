@@ -279,7 +279,7 @@ BackwardResult spem_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
 }  // namespace
 }  // namespace spem_native
 
-TORCH_LIBRARY_IMPL(spem_native, CPU, m) {
+SPEM_TORCH_LIBRARY_IMPL(SPEM_LIBRARY, CPU, m) {
   m.impl("spem_forward", &spem_native::spem_forward_cpu);
   m.impl("spem_output", &spem_native::spem_output_cpu);
   m.impl("spem_backward", &spem_native::spem_backward_cpu);

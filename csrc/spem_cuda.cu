@@ -17,6 +17,9 @@
 // backward into a reduction pass and a writing pass around the parameter gradients.
 #include "spem_cuda.h"
 
+#include <cuda_runtime.h>
+
+#include <algorithm>
 #include <initializer_list>
 #include <utility>
 
@@ -322,7 +325,7 @@ __device__ __forceinline__ void masked_grad(const BackwardArgs<T, Acc>& a, int64
     Acc o[VEC];
     load<VEC>(a.out + oo, o);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) G[j] = o[j] > Acc(0) ? G[j] : Acc(0);
+    for (int j = 0; j < VEC; ++j) G[j] = o[j] <= Acc(0) ? Acc(0) : G[j];  // as torch: NaN passes
   }
 }
 
@@ -696,7 +699,8 @@ __device__ __forceinline__ void write_bn_input_grads(
   Acc d[VEC];
   input_grad<VEC>(k, G, pos, d);
 #pragma unroll
-  for (int j = 0; j < VEC; ++j) d[j] = alpha[j] * (d[j] - k2[j] - (y[j] - mean[j]) * k3[j]);
+  for (int j = 0; j < VEC; ++j)  // k3 = 0 (eval) adds nothing, an infinite y included
+    d[j] = alpha[j] * (d[j] - k2[j] - (k3[j] == Acc(0) ? Acc(0) : (y[j] - mean[j]) * k3[j]));
   store<VEC>(a.dx + dy_off, d);
   if (a.dres != nullptr) store<VEC>(a.dres + dres_off, G);
 }
@@ -794,51 +798,122 @@ int plane_group(int64_t HW, int vec) {
   return group;
 }
 
-template <typename Args, typename PlanesKernel, typename ChannelsKernel>
-cudaError_t launch(const Args& a, const Layout& l, int vec, PlanesKernel planes,
-                   ChannelsKernel channels, int lanes, cudaStream_t stream) {
-  if (l.by_channel) {
+// Whether x's layout has the channels kernels run (channels innermost).
+bool by_channel(const Strides& sx, int64_t C) { return sx.c == 1 && C > 1; }
+
+// The blocks of a pass over N x C planes of H x W: one per kThreads / group planes (planes
+// kernels), or per tile of lanes * vec channels of one sample (channels kernels).
+int64_t pass_blocks(bool channels, int vec, int lanes, int64_t N, int64_t C, int64_t H,
+                    int64_t W) {
+  if (channels) {
     const int64_t tile = int64_t(lanes) * vec;
-    channels<<<a.N * ((a.C + tile - 1) / tile), kThreads, 0, stream>>>(a, l.flat);
-  } else {
-    const int group = plane_group(a.H * a.W, vec);
-    const int64_t planes_per_block = kThreads / group;
-    planes<<<(a.N * a.C + planes_per_block - 1) / planes_per_block, kThreads, 0, stream>>>(
-        a, group, l.flat);
+    return N * ((C + tile - 1) / tile);
   }
-  return cudaGetLastError();
+  const int64_t planes_per_block = kThreads / plane_group(H * W, vec);
+  return (N * C + planes_per_block - 1) / planes_per_block;
+}
+
+// param_grads: `sums` per-channel sums of kSumChannels channels a block, and p's block.
+int64_t param_grads_blocks(int64_t sums, int64_t C) {
+  return sums * ((C + kSumChannels - 1) / kSumChannels) + 1;
+}
+
+int64_t finalize_blocks(int64_t C) { return (C + kThreads - 1) / kThreads; }
+
+template <typename T>
+struct Same {
+  using type = T;
+};
+
+// One launch of kThreads-thread blocks. A grid larger than a launch takes fails here, before
+// anything runs, rather than being cut to 32 bits (the bindings check every shape earlier,
+// with largest_grid, to name it in the error).
+template <typename... Params>
+cudaError_t launch_kernel(void (*kernel)(Params...), int64_t blocks, cudaStream_t stream,
+                          typename Same<Params>::type... args) {
+  if (blocks < 1 || blocks > kMaxGridBlocks) return cudaErrorInvalidConfiguration;
+  void* params[] = {&args...};
+  return cudaLaunchKernel(kernel, dim3(unsigned(blocks)), dim3(kThreads), params, 0, stream);
+}
+
+// A pass's two kernels, Kernels::planes<VEC> and Kernels::channels<VEC, LC>: VEC-element
+// (16-byte) accesses over tiles of 8 lanes where the layout allows them, else one element
+// at a time over 32 lanes; the planes or the channels kernel as x's layout says.
+template <typename Kernels, typename T, typename Args>
+cudaError_t launch_pass(const Args& a, const Layout& l, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(T);
+  const int vec = l.vec ? kVec : 1, lanes = l.vec ? 8 : 32;
+  const int64_t blocks = pass_blocks(l.by_channel, vec, lanes, a.N, a.C, a.H, a.W);
+  if (l.by_channel)
+    return l.vec ? launch_kernel(Kernels::template channels<kVec, 8>(), blocks, stream, a, l.flat)
+                 : launch_kernel(Kernels::template channels<1, 32>(), blocks, stream, a, l.flat);
+  const int group = plane_group(a.H * a.W, vec);
+  return l.vec ? launch_kernel(Kernels::template planes<kVec>(), blocks, stream, a, group, l.flat)
+               : launch_kernel(Kernels::template planes<1>(), blocks, stream, a, group, l.flat);
+}
+
+template <typename T, typename Acc>
+struct ForwardKernels {
+  template <int VEC> static auto planes() { return forward_planes<T, Acc, VEC>; }
+  template <int VEC, int LC> static auto channels() { return forward_channels<T, Acc, VEC, LC>; }
+};
+
+template <typename T, typename Acc>
+struct BackwardKernels {
+  template <int VEC> static auto planes() { return backward_planes<T, Acc, VEC>; }
+  template <int VEC, int LC> static auto channels() { return backward_channels<T, Acc, VEC, LC>; }
+};
+
+template <typename T, typename Acc>
+struct BnStatsKernels {
+  template <int VEC> static auto planes() { return bn_stats_planes<T, Acc, VEC>; }
+  template <int VEC, int LC> static auto channels() { return bn_stats_channels<T, Acc, VEC, LC>; }
+};
+
+template <typename T, typename Acc>
+struct BnReduceKernels {
+  template <int VEC> static auto planes() { return bn_reduce_planes<T, Acc, VEC>; }
+  template <int VEC, int LC> static auto channels() { return bn_reduce_channels<T, Acc, VEC, LC>; }
+};
+
+template <typename T, typename Acc>
+struct BnWriteKernels {
+  template <int VEC> static auto planes() { return bn_write_planes<T, Acc, VEC>; }
+  template <int VEC, int LC> static auto channels() { return bn_write_channels<T, Acc, VEC, LC>; }
+};
+
+// The layout of a backward pass: every tensor it reads or writes.
+template <typename T, typename Acc>
+Layout backward_layout(const BackwardArgs<T, Acc>& a) {
+  return choose_layout<T>({{a.grad, a.sg}, {a.x, a.sx}, {a.relu ? a.out : nullptr, a.so},
+                           {a.dx, a.sd}, {a.dres, a.sdr}},
+                          a.C, a.H, a.W, by_channel(a.sx, a.C));
 }
 
 }  // namespace
 
+int64_t largest_grid(const Strides& sx, int64_t N, int64_t C, int64_t H, int64_t W,
+                     int element_bytes) {
+  const bool channels = by_channel(sx, C);
+  return std::max({pass_blocks(channels, 1, 32, N, C, H, W),
+                   pass_blocks(channels, 16 / element_bytes, 8, N, C, H, W),
+                   param_grads_blocks(kBnPlanes, C), finalize_blocks(C)});
+}
+
 template <typename T, typename Acc>
 cudaError_t launch_spem_forward(const ForwardArgs<T, Acc>& a, cudaStream_t stream) {
   if (a.N * a.C * a.H * a.W == 0) return cudaSuccess;
-  constexpr int kVec = 16 / sizeof(T);
   const Layout l = choose_layout<T>({{a.x, a.sx}, {a.residual, a.sr}, {a.out, a.so}}, a.C, a.H,
-                                    a.W, a.sx.c == 1 && a.C > 1);
-  if (l.vec)
-    return launch(a, l, kVec, forward_planes<T, Acc, kVec>, forward_channels<T, Acc, kVec, 8>, 8,
-                  stream);
-  return launch(a, l, 1, forward_planes<T, Acc, 1>, forward_channels<T, Acc, 1, 32>, 32, stream);
+                                    a.W, by_channel(a.sx, a.C));
+  return launch_pass<ForwardKernels<T, Acc>, T>(a, l, stream);
 }
 
 template <typename T, typename Acc>
 cudaError_t launch_spem_backward(const BackwardArgs<T, Acc>& a, cudaStream_t stream) {
   if (a.N * a.C * a.H * a.W == 0) return cudaSuccess;
-  constexpr int kVec = 16 / sizeof(T);
-  const Layout l = choose_layout<T>({{a.grad, a.sg}, {a.x, a.sx}, {a.relu ? a.out : nullptr, a.so},
-                                     {a.dx, a.sd}, {a.dres, a.sdr}},
-                                    a.C, a.H, a.W, a.sx.c == 1 && a.C > 1);
-  const cudaError_t err =
-      l.vec ? launch(a, l, kVec, backward_planes<T, Acc, kVec>, backward_channels<T, Acc, kVec, 8>,
-                     8, stream)
-            : launch(a, l, 1, backward_planes<T, Acc, 1>, backward_channels<T, Acc, 1, 32>, 32,
-                     stream);
+  const cudaError_t err = launch_pass<BackwardKernels<T, Acc>, T>(a, backward_layout(a), stream);
   if (err != cudaSuccess) return err;
-  const int64_t channel_blocks = (a.C + kSumChannels - 1) / kSumChannels;
-  param_grads<T, Acc><<<4 * channel_blocks + 1, kThreads, 0, stream>>>(a);
-  return cudaGetLastError();
+  return launch_kernel(param_grads<T, Acc>, param_grads_blocks(4, a.C), stream, a);
 }
 
 template <typename T, typename Acc>
@@ -846,17 +921,11 @@ cudaError_t launch_spem_bn_forward(const BnStatsArgs<T, Acc>& s, const ForwardAr
                                    cudaStream_t stream) {
   if (s.N * s.C * s.H * s.W == 0) return cudaSuccess;
   if (s.training) {
-    constexpr int kVec = 16 / sizeof(T);
-    const Layout l = choose_layout<T>({{s.y, s.sy}}, s.C, s.H, s.W, s.sy.c == 1 && s.C > 1);
-    const cudaError_t err =
-        l.vec ? launch(s, l, kVec, bn_stats_planes<T, Acc, kVec>,
-                       bn_stats_channels<T, Acc, kVec, 8>, 8, stream)
-              : launch(s, l, 1, bn_stats_planes<T, Acc, 1>, bn_stats_channels<T, Acc, 1, 32>, 32,
-                       stream);
+    const Layout l = choose_layout<T>({{s.y, s.sy}}, s.C, s.H, s.W, by_channel(s.sy, s.C));
+    const cudaError_t err = launch_pass<BnStatsKernels<T, Acc>, T>(s, l, stream);
     if (err != cudaSuccess) return err;
   }
-  bn_finalize<T, Acc><<<(s.C + kThreads - 1) / kThreads, kThreads, 0, stream>>>(s);
-  const cudaError_t err = cudaGetLastError();
+  const cudaError_t err = launch_kernel(bn_finalize<T, Acc>, finalize_blocks(s.C), stream, s);
   if (err != cudaSuccess) return err;
   return launch_spem_forward(f, stream);
 }
@@ -864,24 +933,12 @@ cudaError_t launch_spem_bn_forward(const BnStatsArgs<T, Acc>& s, const ForwardAr
 template <typename T, typename Acc>
 cudaError_t launch_spem_bn_backward(const BackwardArgs<T, Acc>& a, cudaStream_t stream) {
   if (a.N * a.C * a.H * a.W == 0) return cudaSuccess;
-  constexpr int kVec = 16 / sizeof(T);
-  const Layout l = choose_layout<T>({{a.grad, a.sg}, {a.x, a.sx}, {a.relu ? a.out : nullptr, a.so},
-                                     {a.dx, a.sd}, {a.dres, a.sdr}},
-                                    a.C, a.H, a.W, a.sx.c == 1 && a.C > 1);
-  cudaError_t err =
-      l.vec ? launch(a, l, kVec, bn_reduce_planes<T, Acc, kVec>,
-                     bn_reduce_channels<T, Acc, kVec, 8>, 8, stream)
-            : launch(a, l, 1, bn_reduce_planes<T, Acc, 1>, bn_reduce_channels<T, Acc, 1, 32>, 32,
-                     stream);
+  const Layout l = backward_layout(a);
+  cudaError_t err = launch_pass<BnReduceKernels<T, Acc>, T>(a, l, stream);
   if (err != cudaSuccess) return err;
-  const int64_t channel_blocks = (a.C + kSumChannels - 1) / kSumChannels;
-  param_grads<T, Acc><<<6 * channel_blocks + 1, kThreads, 0, stream>>>(a);
-  err = cudaGetLastError();
+  err = launch_kernel(param_grads<T, Acc>, param_grads_blocks(6, a.C), stream, a);
   if (err != cudaSuccess) return err;
-  return l.vec ? launch(a, l, kVec, bn_write_planes<T, Acc, kVec>,
-                        bn_write_channels<T, Acc, kVec, 8>, 8, stream)
-               : launch(a, l, 1, bn_write_planes<T, Acc, 1>, bn_write_channels<T, Acc, 1, 32>, 32,
-                        stream);
+  return launch_pass<BnWriteKernels<T, Acc>, T>(a, l, stream);
 }
 
 #define SPEM_INSTANTIATE(T, Acc)                                                              \

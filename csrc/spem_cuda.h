@@ -72,6 +72,15 @@ struct BackwardArgs {
   bool training = false;
 };
 
+// The most blocks one launch takes (gridDim.x on sm_80 and sm_90; y and z are not used).
+constexpr int64_t kMaxGridBlocks = 2147483647;
+
+// The largest grid any launch of the ops makes for x (or y) of this shape and strides, with
+// elements of `element_bytes`: the bindings refuse a shape past kMaxGridBlocks before they
+// allocate anything, naming it.
+int64_t largest_grid(const Strides& sx, int64_t N, int64_t C, int64_t H, int64_t W,
+                     int element_bytes);
+
 // On `stream`: the forward is one kernel launch, the backward two (input gradients and
 // partials, then their reduction into the parameter gradients); returns the launch error.
 template <typename T, typename Acc>

@@ -220,7 +220,7 @@ BnForwardResult allocate_bn_forward(const at::Tensor& y) {
 
 }  // namespace spem_native
 
-TORCH_LIBRARY(spem_native, m) {
+SPEM_TORCH_LIBRARY(SPEM_LIBRARY, m) {
   // The differentiable op (spem_autograd.cpp); the three below are its kernels.
   m.def("spem(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor p, Tensor? residual, "
         "bool relu) -> Tensor");

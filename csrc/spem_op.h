@@ -9,6 +9,24 @@
 #include <optional>
 #include <tuple>
 
+// The library the ops register in, spem_native. The CUDA emulation (tests/cuda_emulation)
+// compiles spem_op.cpp, spem_autograd.cpp and spem_cuda.cpp for the CPU into a library of
+// its own (SPEM_LIBRARY), with the CUDA binding's kernels registered for CPU tensors
+// (SPEM_CUDA_KEY), so that it loads beside the real one.
+#ifndef SPEM_LIBRARY
+#define SPEM_LIBRARY spem_native
+#endif
+#ifndef SPEM_CUDA_KEY
+#define SPEM_CUDA_KEY CUDA
+#endif
+// TORCH_LIBRARY and TORCH_LIBRARY_IMPL with the names above expanded first.
+#define SPEM_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define SPEM_TORCH_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
+// An op's name in the dispatcher: SPEM_OP("spem_forward") is "spem_native::spem_forward".
+#define SPEM_OP(name) SPEM_STRINGIFY(SPEM_LIBRARY) "::" name
+#define SPEM_STRINGIFY(x) SPEM_STRINGIFY_(x)
+#define SPEM_STRINGIFY_(x) #x
+
 namespace spem_native {
 
 using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // out, stats, idx

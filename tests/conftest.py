@@ -18,9 +18,15 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+import cuda_emulation  # noqa: E402  (builds nothing until a test loads it)
 from spem_kernels.backends import unavailable_reason  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def pytest_report_header():
+    return (f"CUDA emulation schedule seed: {cuda_emulation.SEED} (SPEM_EMULATION_SEED="
+            f"{cuda_emulation.SEED} replays it)")
 
 
 @pytest.fixture(params=[(backend, device) for backend in ("triton", "native")

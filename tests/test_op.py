@@ -4,6 +4,7 @@ The reference runs in float64 on the same (upcast) values; inputs are fresh rand
 numbers every run. On CPU the Triton kernels run in Triton's interpreter, so shapes stay
 small there; on a GPU the stage shapes also run at full batch.
 """
+import functools
 import os
 import subprocess
 import sys
@@ -11,12 +12,17 @@ import sys
 import pytest
 import torch
 
-from op_checks import (PARAM_TOL, leaves, param_grad_scales, rel_err, relu_boundary_zeroed,
-                       scaled_err, spem_masked_grad)
+from op_checks import (PARAM_TOL, check_against_reference, grad_off_relu_boundary, leaves,
+                       param_scales, rel_err, run, scaled_err)
 from op_inputs import layout, make_inputs
 from spem_kernels import spem, spem_reference
 from spem_kernels.cases import IMAGENET_STAGES, STAGES, stage_shape
 from spem_kernels.ops import spem_backward, spem_forward
+
+def fused(backend):
+    """spem on `backend`, as op_checks takes a fused op."""
+    return functools.partial(spem, backend=backend)
+
 
 STAGE_SHAPES = [stage_shape(stage, batch=2) for stage in STAGES]
 ODD_SHAPES = [(3, 5, 1, 1), (2, 6, 7, 7), (2, 3, 13, 17)]
@@ -27,49 +33,6 @@ LAYOUTS = ["contiguous", "channels_last", "sliced", "mixed"]  # op_inputs.make_i
 TAILS = [(False, False), (True, False), (False, True), (True, True)]  # (residual, relu)
 
 
-def run(fn, inputs, relu, grad_out, **kw):
-    """Output and gradients of every tensor input that is not None (op_checks.leaves)."""
-    tensors = leaves(inputs)
-    out = fn(*tensors[:6], tensors[6], relu=relu, **kw)
-    out.backward(grad_out)
-    return out, [t.grad for t in tensors if t is not None]
-
-
-def grad_off_relu_boundary(grad_out, inputs, relu):
-    """grad_out with zeros on the ReLU boundary (op_checks.relu_boundary_zeroed)."""
-    if not relu:
-        return grad_out
-    x, *params, residual = [t.double() if t is not None else None for t in inputs]
-    return relu_boundary_zeroed(grad_out, spem_reference(x, *params, residual), residual)
-
-
-def param_scales(inputs, grad_out, relu):
-    """op_checks.param_grad_scales of spem's parameters for these inputs."""
-    return param_grad_scales(*inputs[:6], spem_masked_grad(inputs, grad_out, relu))
-
-
-def check_against_reference(inputs, relu, backend, out_tol, grad_tol, param_tol=None):
-    """Output, dx and dresidual within grad_tol relative; parameter gradients within
-    param_tol (default grad_tol) of the size of their terms (param_grad_scales)."""
-    x = inputs[0]
-    grad_out = torch.randn(x.shape, device=x.device).to(x.dtype)
-    grad_out = grad_off_relu_boundary(grad_out, inputs, relu)
-    out, grads = run(spem, inputs, relu, grad_out, backend=backend)
-    ref_inputs = [t.double() if t is not None else None for t in inputs]
-    ref, ref_grads = run(spem_reference, ref_inputs, relu, grad_out.double())
-    assert out.dtype == x.dtype and out.shape == x.shape
-    assert rel_err(out, ref) <= out_tol
-    for name, g, rg in zip(["x", "residual"], grads[::6], ref_grads[::6]):
-        assert g.shape == rg.shape, name
-        assert rel_err(g, rg) <= grad_tol, name
-    scales = param_scales(inputs, grad_out, relu)
-    for name, g, rg, scale in zip(["w1", "b1", "w2", "b2", "p"], grads[1:6], ref_grads[1:6],
-                                  scales):
-        assert g.shape == rg.shape, name
-        assert scaled_err(g, rg, scale) <= (param_tol or grad_tol), name
-    return out
-
-
 @pytest.mark.parametrize("shape", STAGE_SHAPES + ODD_SHAPES + [LARGE_PLANE] + FULL_SHAPES,
                          ids=str)
 @pytest.mark.parametrize("kind", LAYOUTS)
@@ -77,7 +40,7 @@ def test_float32_matches_reference(case, shape, kind):
     backend, device = case
     for residual, relu in TAILS:
         inputs = make_inputs(shape, torch.float32, device, kind, residual)
-        out = check_against_reference(inputs, relu, backend, out_tol=1e-6, grad_tol=1e-5,
+        out = check_against_reference(inputs, relu, fused(backend), out_tol=1e-6, grad_tol=1e-5,
                                       param_tol=PARAM_TOL)
         if kind == "channels_last":
             assert out.is_contiguous(memory_format=torch.channels_last)
@@ -93,7 +56,7 @@ def test_imagenet_planes_match_reference(case, stage, kind):
     backend, device = case
     inputs = make_inputs(stage_shape(stage, batch=64 if device == "cuda" else 1), torch.float32,
                          device, kind)
-    check_against_reference(inputs, True, backend, out_tol=1e-6, grad_tol=1e-5,
+    check_against_reference(inputs, True, fused(backend), out_tol=1e-6, grad_tol=1e-5,
                             param_tol=PARAM_TOL)
 
 
@@ -144,7 +107,7 @@ def test_offsets_past_int32(case, spread):
     inputs = make_inputs(shape, torch.float16, device)
     x.copy_(inputs[0])
     inputs[0] = x
-    check_against_reference(inputs, True, backend, out_tol=1e-3, grad_tol=1e-3,
+    check_against_reference(inputs, True, fused(backend), out_tol=1e-3, grad_tol=1e-3,
                             param_tol=PARAM_TOL)
 
 
@@ -156,7 +119,7 @@ def test_ties_go_to_first_position(case, kind):
     inputs = make_inputs(shape, torch.float64, device, kind)
     # Few distinct values: every plane's max and min are tied several times.
     inputs[0] = layout(torch.randint(-2, 3, shape, device=device).double(), kind)
-    check_against_reference(inputs, False, backend, out_tol=1e-12, grad_tol=1e-12)
+    check_against_reference(inputs, False, fused(backend), out_tol=1e-12, grad_tol=1e-12)
     # A constant plane: max and min are both at position (0, 0).
     x = layout(torch.full(shape, 0.7, dtype=torch.float64, device=device), kind)
     w1, b1, w2, b2, p = [t.detach().requires_grad_() for t in inputs[1:6]]

@@ -4,16 +4,24 @@ device) in `case`: the output, every gradient (y, weight, bias, the SPEM paramet
 residual) and the running statistics, in training and eval, with and without BatchNorm's
 affine parameters and running statistics, on every layout (strided views passed as they are).
 """
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from op_checks import (PARAM_TOL, leaves, param_grad_scales, rel_err, relu_boundary_zeroed,
-                       scaled_err)
+from op_checks import (EPS, MOMENTUM, STATS_TOL, as64, check_against_composition, clone,
+                       leaves, rel_err, run_fused)
 from op_inputs import layout, make_bn_inputs
-from spem_kernels import spem_bn, spem_bn_reference, spem_reference
+from spem_kernels import spem_bn, spem_bn_reference
 from spem_kernels.cases import STAGES, stage_shape
 from spem_kernels.ops import spem_bn_backward, spem_bn_forward
+
+
+def fused(backend):
+    """spem_bn on `backend`, as op_checks takes a fused op."""
+    return functools.partial(spem_bn, backend=backend)
+
 
 STAGE_SHAPES = [stage_shape(stage, batch=2) for stage in STAGES]
 # 1x1 planes at batch 8: BatchNorm's statistics over 8 values. (Over 3, as spem's matrix has
@@ -25,94 +33,8 @@ LARGE_PLANE = (2, 2, 100, 100)  # more than one tile holds: the kernels loop ove
 FULL_SHAPES = [stage_shape(stage) for stage in STAGES] if torch.cuda.is_available() else []
 LAYOUTS = ["contiguous", "channels_last", "sliced", "mixed"]
 TAILS = [(False, False), (True, False), (False, True), (True, True)]  # (residual, relu)
-MOMENTUM, EPS = 0.1, 1e-5
 # 16-bit y: dy and the output are rounded once to the 16-bit format (half an ulp relative).
 HALF_TOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
-# Running statistics: Triton passes momentum as an fp32 argument (1e-8 of it off in float64).
-STATS_TOL = 1e-6
-
-
-def clone(t):
-    return t.clone() if t is not None else None
-
-
-def as64(t):
-    return t.double() if t is not None else None
-
-
-def bn_grad_scales(x, y, mean, var, eps):
-    """The size that rounding dbias and dweight is relative to: sums over (n, h, w) of |dx|
-    and |dx xhat| (x: the normalised tensor of the float64 reference, its grad dx)."""
-    xhat = (y - mean.reshape(1, -1, 1, 1)) / (var.reshape(1, -1, 1, 1) + eps).sqrt()
-    return x.grad.abs().sum((0, 2, 3)), (x.grad * xhat).abs().sum((0, 2, 3))
-
-
-def run_fused(inputs, grad_out, training, relu, eps=EPS, **kw):
-    """(out, grads of y, weight, bias, w1, b1, w2, b2, p, residual, running statistics)."""
-    y, rm, rv, weight, bias, *params, residual = inputs
-    rm, rv = clone(rm), clone(rv)
-    t = leaves([y, weight, bias, *params, residual])
-    out = spem_bn(t[0], rm, rv, t[1], t[2], *t[3:8], t[8], training=training,
-                  momentum=MOMENTUM, eps=eps, relu=relu, **kw)
-    out.backward(grad_out)
-    return out, [leaf.grad if leaf is not None else None for leaf in t], (rm, rv)
-
-
-def run_reference(inputs, grad_out, training, relu, eps=EPS):
-    """As run_fused for the float64 composition, with the normalised tensor x (and its grad)."""
-    y, rm, rv, weight, bias, *params, residual = map(as64, inputs)
-    rm, rv = clone(rm), clone(rv)
-    t = leaves([y, weight, bias, *params, residual])
-    x = F.batch_norm(t[0], rm, rv, t[1], t[2], training, MOMENTUM, eps)
-    x.retain_grad()
-    out = spem_reference(x, *t[3:8], t[8], relu=relu)
-    out.backward(grad_out.double())
-    return out, [leaf.grad if leaf is not None else None for leaf in t], (rm, rv), x
-
-
-def off_relu_boundary(grad_out, inputs, training, relu, eps):
-    """grad_out with zeros on the ReLU boundary of the float64 composition (op_checks)."""
-    if not relu:
-        return grad_out
-    y, rm, rv, weight, bias, *params, residual = map(as64, inputs)
-    with torch.no_grad():
-        x = F.batch_norm(y, clone(rm), clone(rv), weight, bias, training, MOMENTUM, eps)
-        return relu_boundary_zeroed(grad_out, spem_reference(x, *params, residual), residual)
-
-
-def check_against_composition(inputs, training, relu, backend, out_tol, grad_tol, eps=EPS):
-    """Output, dy and dresidual within grad_tol relative (out_tol for the output); running
-    statistics within STATS_TOL; parameter gradients (SPEM's and BatchNorm's) within
-    PARAM_TOL of the size of their terms, and in their parameter's dtype."""
-    y = inputs[0]
-    grad_out = off_relu_boundary(torch.randn(y.shape, device=y.device).to(y.dtype), inputs,
-                                 training, relu, eps)
-    out, grads, stats = run_fused(inputs, grad_out, training, relu, eps, backend=backend)
-    ref, ref_grads, ref_stats, x = run_reference(inputs, grad_out, training, relu, eps)
-    assert out.dtype == y.dtype and out.shape == y.shape
-    assert rel_err(out, ref) <= out_tol
-    assert rel_err(grads[0], ref_grads[0]) <= grad_tol, "y"
-    if grads[8] is not None:
-        assert rel_err(grads[8], ref_grads[8]) <= grad_tol, "residual"
-    for name, s, rs in zip(("running_mean", "running_var"), stats, ref_stats):
-        if s is not None:
-            assert rel_err(s, rs) <= STATS_TOL, name
-    G = grad_out.double() * (ref > 0) if relu else grad_out.double()
-    y64 = y.double()
-    if training:
-        mean, var = y64.mean((0, 2, 3)), y64.var((0, 2, 3), unbiased=False)
-    else:
-        mean, var = as64(inputs[1]), as64(inputs[2])
-    scales = [*bn_grad_scales(x, y64, mean, var, eps),
-              *param_grad_scales(x.detach(), *map(as64, inputs[5:10]), G)]
-    for name, param, g, rg, scale in zip(["weight", "bias", "w1", "b1", "w2", "b2", "p"],
-                                         inputs[3:10], grads[1:8], ref_grads[1:8], scales):
-        if param is None:
-            assert g is None, name
-            continue
-        assert g.shape == param.shape and g.dtype == param.dtype, name
-        assert scaled_err(g, rg, scale) <= PARAM_TOL, name
-    return out
 
 
 @pytest.mark.parametrize("shape", STAGE_SHAPES + ODD_SHAPES + [LARGE_PLANE] + FULL_SHAPES,
@@ -123,7 +45,7 @@ def test_float32_matches_composition(case, shape, kind, training):
     backend, device = case
     for residual, relu in TAILS:
         inputs = make_bn_inputs(shape, torch.float32, device, kind, residual)
-        out = check_against_composition(inputs, training, relu, backend, 1e-6, 1e-5)
+        out = check_against_composition(inputs, training, relu, fused(backend), 1e-6, 1e-5)
         if kind == "channels_last":
             assert out.is_contiguous(memory_format=torch.channels_last)
 
@@ -136,7 +58,7 @@ def test_batch_norm_options(case, affine, track):
     backend, device = case
     inputs = make_bn_inputs((2, 6, 5, 7), torch.float32, device, affine=affine, track=track)
     for training in ([True, False] if track else [True]):
-        check_against_composition(inputs, training, True, backend, 1e-6, 1e-5)
+        check_against_composition(inputs, training, True, fused(backend), 1e-6, 1e-5)
 
 
 @pytest.mark.parametrize("stage", ["in56", "in7"])
@@ -146,7 +68,7 @@ def test_imagenet_planes_match_composition(case, stage):
     backend, device = case
     shape = stage_shape(stage, batch=16 if device == "cuda" else 2)
     inputs = make_bn_inputs(shape, torch.float32, device, "channels_last")
-    check_against_composition(inputs, True, True, backend, 1e-6, 1e-5)
+    check_against_composition(inputs, True, True, fused(backend), 1e-6, 1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -157,7 +79,7 @@ def test_half_precision_matches_composition(case, dtype, kind, shape):
     bits in between, as the composition's are), out and dy rounded once."""
     backend, device = case
     inputs = make_bn_inputs(shape, dtype, device, kind)
-    check_against_composition(inputs, True, True, backend, HALF_TOL[dtype], HALF_TOL[dtype])
+    check_against_composition(inputs, True, True, fused(backend), HALF_TOL[dtype], HALF_TOL[dtype])
 
 
 def test_negative_weight_swaps_max_and_min(case):
@@ -166,7 +88,7 @@ def test_negative_weight_swaps_max_and_min(case):
     backend, device = case
     inputs = make_bn_inputs((2, 4, 6, 5), torch.float64, device)
     inputs[3] = -inputs[3].abs() - 0.5
-    check_against_composition(inputs, True, False, backend, 1e-12, 1e-10)
+    check_against_composition(inputs, True, False, fused(backend), 1e-12, 1e-10)
 
 
 @pytest.mark.parametrize("kind", ["contiguous", "channels_last", "sliced"])
@@ -180,7 +102,7 @@ def test_ties_of_normalised_values_go_to_the_first_position(case, kind):
     shape = (2, 3, 4, 5)
     inputs = make_bn_inputs(shape, torch.float64, device, kind)
     inputs[0] = layout(torch.randint(-2, 3, shape, device=device).double(), kind)
-    check_against_composition(inputs, True, False, backend, 1e-12, 1e-10)
+    check_against_composition(inputs, True, False, fused(backend), 1e-12, 1e-10)
 
     def channels(value):
         return torch.full((3,), value, device=device, dtype=torch.float64)
@@ -190,7 +112,7 @@ def test_ties_of_normalised_values_go_to_the_first_position(case, kind):
     inputs[1:5] = channels(0.0), channels(1.0 - eps), channels(1.0), channels(2.0**20)
     x = F.batch_norm(*inputs[:5], False, MOMENTUM, eps)
     assert (x == 2.0**20 + 1).all()  # y had distinct values, x has one
-    check_against_composition(inputs, False, False, backend, 1e-12, 1e-10, eps=eps)
+    check_against_composition(inputs, False, False, fused(backend), 1e-12, 1e-10, eps=eps)
 
 
 @pytest.mark.parametrize("kind", ["contiguous", "channels_last"])
@@ -234,8 +156,8 @@ def test_backward_is_deterministic(case):
     shape = (128, 64, 8, 8) if device == "cuda" else (16, 8, 4, 4)
     inputs = make_bn_inputs(shape, torch.float32, device)
     grad_out = torch.randn(shape, device=device)
-    first = run_fused(inputs, grad_out, True, True, backend=backend)
-    second = run_fused(inputs, grad_out, True, True, backend=backend)
+    first = run_fused(fused(backend), inputs, grad_out, True, True)
+    second = run_fused(fused(backend), inputs, grad_out, True, True)
     for a, b in zip([first[0], *first[1], *first[2]], [second[0], *second[1], *second[2]]):
         assert torch.equal(a, b)
 
