@@ -220,7 +220,7 @@ def environment(a):
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join(["python", "-m", "benchmarks.report"] + sys.argv[1:]),
         "load_avg_start": os.getloadavg(),
-        # glibc's allocator settings (bench.sh sets two; README, Benchmarks)
+        # glibc's allocator settings (bench.sh sets two; docs/benchmarks.md)
         "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         "batch": a.batch,
         "stages": a.stages,

@@ -1,5 +1,5 @@
 """Deployment of SPEM models: ONNX export run by ONNX Runtime, torch.export saved and loaded
-in a fresh process, AOTInductor on CPU (README, "Export and deploy").
+in a fresh process, AOTInductor on CPU (docs/export.md).
 
 Models run with trained-like values (spem_kernels.cases.trained_like): at initialisation
 every gate is one constant and BatchNorm the identity, which would hide a wrong export.
