@@ -104,7 +104,8 @@ def parse_args(argv):
                             f"{batch} for {name}" for name, (_, batch) in SHAPE_SETS.items()) + ")")
     parser.add_argument("--stages", default="cifar",
                         help="shape sets (" + ", ".join(
-                            f"{name}: {','.join(stages)}" for name, (stages, _) in SHAPE_SETS.items())
+                            f"{name}: {','.join(stages)}"
+                            for name, (stages, _) in SHAPE_SETS.items())
                         + ") or stages, comma-separated (default: cifar)")
     parser.add_argument("--dtypes", default=",".join(DTYPES))
     parser.add_argument("--layouts", default=",".join(LAYOUTS))

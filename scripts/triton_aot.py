@@ -159,8 +159,9 @@ def report(arch):
             compiled = compile_launch(kernel, args, meta, arch)
             case = (f"{shape} {str(dtype)[6:]} {'NHWC' if cl else 'NCHW'} relu={relu} "
                     f"res={residual}" + (" wide" if wide else "") + (" bn" if bn else ""))
+            elem_bytes = torch.empty(0, dtype=dtype).element_size()
             rows.append((case, name, meta, resource_usage(compiled),
-                         widest_global_load_bytes(compiled, torch.empty(0, dtype=dtype).element_size())))
+                         widest_global_load_bytes(compiled, elem_bytes)))
     return rows
 
 
@@ -191,8 +192,9 @@ def main():
         print(f"sm_{arch}: {'case':<44} {'kern':>5} {'BC':>4} {'BHW':>5} {'warps':>5} "
               f"{'REG':>4} {'STACK':>5} {'LOCAL':>5} {'load B':>6}")
         for case, name, meta, res, load in report(arch):
-            print(f"sm_{arch}: {case:<44} {name:>5} {meta['BLOCK_C']:>4} {meta.get('BLOCK_HW', '-'):>5} "
-                  f"{meta['num_warps']:>5} {res.get('REG', -1):>4} {res.get('STACK', -1):>5} "
+            print(f"sm_{arch}: {case:<44} {name:>5} {meta['BLOCK_C']:>4} "
+                  f"{meta.get('BLOCK_HW', '-'):>5} {meta['num_warps']:>5} "
+                  f"{res.get('REG', -1):>4} {res.get('STACK', -1):>5} "
                   f"{res.get('LOCAL', -1):>5} {load:>6}")
 
 

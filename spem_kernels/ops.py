@@ -48,7 +48,8 @@ def _check(x, params, p, residual, relu, name="x"):
         _check_param(t, pname, x, name, pair=pname == "p")
     if residual is not None:
         if not isinstance(residual, Tensor):
-            raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
+            raise TypeError("residual must be a torch.Tensor or None, got "
+                            f"{type(residual).__name__}")
         if residual.shape != x.shape:
             raise ValueError(f"residual must have {name}'s shape {tuple(x.shape)}, "
                              f"got {tuple(residual.shape)}")
