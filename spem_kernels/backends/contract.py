@@ -98,11 +98,14 @@ def _without_self(signature):
     return signature.replace(parameters=list(signature.parameters.values())[1:])
 
 
+_MISSING = object()
+
+
 def check(module, protocol=KernelBackend):
     """Raise BackendContractError naming everything `module` lacks of `protocol`: NAME, a
     missing or uncallable entry point, or one whose parameters are not the contract's (a
     backend may add parameters after them, with defaults)."""
-    problems = [] if isinstance(getattr(module, "NAME", None), str) else ["NAME (a str)"]
+    problems = [] if isinstance(getattr(module, "NAME", None), str) else ["NAME (a str) is missing"]
     for name, signature in entry_points(protocol).items():
         fn = getattr(module, name, _MISSING)
         if fn is _MISSING:
@@ -120,9 +123,6 @@ def check(module, protocol=KernelBackend):
             f"backend module {module.__name__} does not keep the backend contract "
             f"({protocol.__name__} in spem_kernels/backends/contract.py): "
             + "; ".join(problems))
-
-
-_MISSING = object()
 
 
 def _parameters_problem(fn, signature):
