@@ -7,7 +7,7 @@
 source "$(dirname "$0")/scripts/env.sh"
 # glibc keeps what is freed for reuse (no mmap, no trimming) unless the caller chose otherwise:
 # otherwise every call page-faults its fresh outputs in, which on a VM costs more than the
-# kernels themselves and varies from run to run (README, Benchmarks). Every implementation
+# kernels themselves and varies from run to run (docs/benchmarks.md). Every implementation
 # meets the same allocator; the report records these settings.
 export MALLOC_MMAP_MAX_=${MALLOC_MMAP_MAX_-0} MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_-68719476736}
 exec "$PY" -m benchmarks.report "$@"

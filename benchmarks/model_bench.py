@@ -5,9 +5,9 @@ spem_penalty(), backward and an SGD step, momentum 0.9, weight decay 1e-4) on sy
 data on the device. Variants (VARIANTS): the plain network, eager SPEM (the reference, op by
 op), fused SPEM ("auto": the first compiled backend) after each BatchNorm module, and fused
 SPEM+BN (spem_bn: BatchNorm inside the op), in each precision: fp32 NCHW, or bf16 autocast
-with model and input in channels_last. Modes: "eager" (steps called from Python), "graph" (CUDA only: the whole
-step captured once in a CUDA graph and replayed) and "compile" (torch.compile(model);
-its first step, compilation included, is reported as compile_s).
+with model and input in channels_last. Modes: "eager" (steps called from Python), "graph"
+(CUDA only: the whole step captured once in a CUDA graph and replayed) and "compile"
+(torch.compile(model); its first step, compilation included, is reported as compile_s).
 
 Run by report.py in fresh processes (`python -m benchmarks.model_bench ...`, one JSON line
 on stdout):
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from spem_kernels.models import cifar_resnet
 from spem_kernels.timing import capture, synchronize, time_interleaved
 from spem_kernels.training import make_optimizer, make_train_step
+
 
 class Variant(NamedTuple):
     """A network of the rows: cifar_resnet's attention, backend and fuse_bn."""

@@ -58,7 +58,7 @@ def _op_axes(ax, rows, impls, groups, copy_gbps):
                     color=TARGET_COLORS[target.split()[0]] if target else "k")
     ax.axhline(copy_gbps, color="k", ls="--", lw=1, label="copy bandwidth")
     ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels([f"{d}\n{l}" for d, l in groups], fontsize=8)
+    ax.set_xticklabels([f"{d}\n{label}" for d, label in groups], fontsize=8)
     ax.set_ylim(0, top * 1.45)  # room for the time labels above the bars
     ax.set_ylabel("GB/s (bytes that must move / median time)", fontsize=8)
 

@@ -104,7 +104,8 @@ def parse_args(argv):
                             f"{batch} for {name}" for name, (_, batch) in SHAPE_SETS.items()) + ")")
     parser.add_argument("--stages", default="cifar",
                         help="shape sets (" + ", ".join(
-                            f"{name}: {','.join(stages)}" for name, (stages, _) in SHAPE_SETS.items())
+                            f"{name}: {','.join(stages)}"
+                            for name, (stages, _) in SHAPE_SETS.items())
                         + ") or stages, comma-separated (default: cifar)")
     parser.add_argument("--dtypes", default=",".join(DTYPES))
     parser.add_argument("--layouts", default=",".join(LAYOUTS))
@@ -220,7 +221,7 @@ def environment(a):
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join(["python", "-m", "benchmarks.report"] + sys.argv[1:]),
         "load_avg_start": os.getloadavg(),
-        # glibc's allocator settings (bench.sh sets two; README, Benchmarks)
+        # glibc's allocator settings (bench.sh sets two; docs/benchmarks.md)
         "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         "batch": a.batch,
         "stages": a.stages,

@@ -37,17 +37,33 @@ if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   "$PY" -m pip install -q --disable-pip-version-check "${need[@]}"
 fi
+# best_effort WHAT_IS_LOST PACKAGE...: installs, failing fast. A machine that cannot reach
+# PyPI (a GPU lease) warns and runs everything else.
+best_effort() {
+  local lost=$1
+  shift
+  [ $# -gt 0 ] || return 0
+  echo "installing: $*"
+  "$PY" -m pip install -q --disable-pip-version-check --retries 0 --timeout 10 "$@" ||
+    echo "warning: could not install $*: $lost" >&2
+}
 # The export tests' packages (tests/test_export.py: torch.onnx.export, ONNX Runtime), checked
-# beside torch 2.13 (none pulls torch). Best effort, failing fast: a machine that cannot
-# reach PyPI (a GPU lease) runs everything else and those tests skip; CI (CI=true) fails
-# them instead.
+# beside torch 2.13 (none pulls torch). Where they are missing those tests skip; CI (CI=true)
+# fails them instead.
 onnx_need=()
 for mod_req in "onnx:onnx==1.23.2" "onnxscript:onnxscript==0.7.2" "onnxruntime:onnxruntime==1.32.0"; do
   "$PY" -c "import ${mod_req%%:*}" 2>/dev/null || onnx_need+=("${mod_req#*:}")
 done
-if [ ${#onnx_need[@]} -gt 0 ]; then
-  echo "installing: ${onnx_need[*]}"
-  "$PY" -m pip install -q --disable-pip-version-check --retries 0 --timeout 10 "${onnx_need[@]}" ||
-    echo "warning: could not install ${onnx_need[*]}: the export tests will skip" >&2
-fi
+best_effort "the export tests will skip" ${onnx_need[@]+"${onnx_need[@]}"}
+# The linter test.sh runs first and the formatter csrc/'s .clang-format is written for, pinned:
+# another version may find other things. Where ruff is missing test.sh skips the lint; CI
+# fails instead. clang-format is a binary inside its package: $CLANG_FORMAT (empty if none).
+tool_need=()
+"$PY" -m ruff --version 2>/dev/null | grep -qx "ruff 0.17.5" || tool_need+=("ruff==0.17.5")
+"$PY" -c "import importlib.metadata as m, sys; sys.exit(m.version('clang-format') != '23.1.3')" \
+  2>/dev/null || tool_need+=("clang-format==23.1.3")
+best_effort "test.sh skips the lint (CI fails it)" ${tool_need[@]+"${tool_need[@]}"}
+CLANG_FORMAT=$("$PY" -c "import clang_format, os
+print(os.path.join(os.path.dirname(clang_format.__file__), 'data', 'bin', 'clang-format'))" \
+  2>/dev/null || true)
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"

@@ -75,18 +75,22 @@ def widest_global_load_bytes(compiled, elem_bytes):
     return max(widths, default=elem_bytes)
 
 
+def call_inputs(shape, dtype, channels_last, residual):
+    """(x, residual or None, grad, [w1, b1, w2, b2, p]) of one call, uninitialised: x, the
+    residual and grad in the memory format asked, the parameters (1, C, 1, 1) and p (2,)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.empty(shape, dtype=dtype).contiguous(memory_format=fmt)
+    params = [torch.empty(1, shape[1], 1, 1) for _ in range(4)] + [torch.empty(2)]
+    return x, torch.empty_like(x) if residual else None, torch.empty_like(x), params
+
+
 def launches(shape, dtype, channels_last, relu, residual, wide=False, bn=False):
     """(name, kernel, args, meta) for the forward and the two backward launches of one call
     (spem_bn's three and three with bn); wide: as for tensors whose samples span 2**31
     elements (int64 offsets)."""
     if bn:
         return bn_launches(shape, dtype, channels_last, relu, residual)
-    C = shape[1]
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.empty(shape, dtype=dtype).contiguous(memory_format=fmt)
-    res = torch.empty_like(x) if residual else None
-    grad = torch.empty_like(x)
-    params = [torch.empty(1, C, 1, 1) for _ in range(4)] + [torch.empty(2)]
+    x, res, grad, params = call_inputs(shape, dtype, channels_last, residual)
     # the tensors the backend allocates, as it allocates them
     out, stats, idx = forward_outputs(x)
     dx, dres, *param_grads = backward_outputs(x, residual and relu, params)
@@ -104,11 +108,7 @@ def launches(shape, dtype, channels_last, relu, residual, wide=False, bn=False):
 def bn_launches(shape, dtype, channels_last, relu, residual):
     """spem_bn's launches in training, BatchNorm with weight and bias and running statistics."""
     C = shape[1]
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    y = torch.empty(shape, dtype=dtype).contiguous(memory_format=fmt)
-    res = torch.empty_like(y) if residual else None
-    grad = torch.empty_like(y)
-    params = [torch.empty(1, C, 1, 1) for _ in range(4)] + [torch.empty(2)]
+    y, res, grad, params = call_inputs(shape, dtype, channels_last, residual)
     weight, bias, r_mean, r_var = (torch.empty(C) for _ in range(4))
     out, stats, idx, mean, invstd = bn_forward_outputs(y)
     dy, dres, dweight, dbias, *param_grads = bn_backward_outputs(
@@ -159,8 +159,9 @@ def report(arch):
             compiled = compile_launch(kernel, args, meta, arch)
             case = (f"{shape} {str(dtype)[6:]} {'NHWC' if cl else 'NCHW'} relu={relu} "
                     f"res={residual}" + (" wide" if wide else "") + (" bn" if bn else ""))
+            elem_bytes = torch.empty(0, dtype=dtype).element_size()
             rows.append((case, name, meta, resource_usage(compiled),
-                         widest_global_load_bytes(compiled, torch.empty(0, dtype=dtype).element_size())))
+                         widest_global_load_bytes(compiled, elem_bytes)))
     return rows
 
 
@@ -191,8 +192,9 @@ def main():
         print(f"sm_{arch}: {'case':<44} {'kern':>5} {'BC':>4} {'BHW':>5} {'warps':>5} "
               f"{'REG':>4} {'STACK':>5} {'LOCAL':>5} {'load B':>6}")
         for case, name, meta, res, load in report(arch):
-            print(f"sm_{arch}: {case:<44} {name:>5} {meta['BLOCK_C']:>4} {meta.get('BLOCK_HW', '-'):>5} "
-                  f"{meta['num_warps']:>5} {res.get('REG', -1):>4} {res.get('STACK', -1):>5} "
+            print(f"sm_{arch}: {case:<44} {name:>5} {meta['BLOCK_C']:>4} "
+                  f"{meta.get('BLOCK_HW', '-'):>5} {meta['num_warps']:>5} "
+                  f"{res.get('REG', -1):>4} {res.get('STACK', -1):>5} "
                   f"{res.get('LOCAL', -1):>5} {load:>6}")
 
 

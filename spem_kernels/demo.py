@@ -34,7 +34,8 @@ def main(argv=None):
           f"{args.dtype}, batch {batch}; fused backends here: {', '.join(fused) or 'none'}")
     if not fused:
         print("No fused backend runs on this device: only the eager reference is available.")
-    print(f"{'shape':>18} {'backend':>8} {'fwd ms':>8} {'fwd+bwd ms':>11} {'speedup':>8} {'max err':>9}")
+    print(f"{'shape':>18} {'backend':>8} {'fwd ms':>8} {'fwd+bwd ms':>11} {'speedup':>8} "
+          f"{'max err':>9}")
     for stage in STAGES:
         shape = stage_shape(stage, batch)
         inputs = block_tail_inputs(shape, dtype, device=device, requires_grad=True)

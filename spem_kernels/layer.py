@@ -25,7 +25,8 @@ class SPEM(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        """w1 = w2 = 0, b1 = b2 = -1, p = (0.5, 0.5): every gate starts at sigmoid(-2) sigmoid(-1)."""
+        """w1 = w2 = 0, b1 = b2 = -1, p = (0.5, 0.5): every gate starts at
+        sigmoid(-2) sigmoid(-1)."""
         with torch.no_grad():
             self.w1.zero_()
             self.w2.zero_()

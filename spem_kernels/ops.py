@@ -48,7 +48,8 @@ def _check(x, params, p, residual, relu, name="x"):
         _check_param(t, pname, x, name, pair=pname == "p")
     if residual is not None:
         if not isinstance(residual, Tensor):
-            raise TypeError(f"residual must be a torch.Tensor or None, got {type(residual).__name__}")
+            raise TypeError("residual must be a torch.Tensor or None, got "
+                            f"{type(residual).__name__}")
         if residual.shape != x.shape:
             raise ValueError(f"residual must have {name}'s shape {tuple(x.shape)}, "
                              f"got {tuple(residual.shape)}")
@@ -164,9 +165,11 @@ def _gradients(ctx, grad, backward_kernels):
     return dx, dw1, db1, dw2, db2, dp, dres, None, None
 
 
-class _SpemFunction(torch.autograd.Function):
+class _KernelFunction(torch.autograd.Function):
     """The eager call path of a backend that wires no autograd of its own (Triton): its
-    kernels called directly, one autograd node.
+    kernels called directly, one autograd node. One subclass per op, whose forward saves
+    what the op's formula reads and names the formula and the backend's backward
+    (ctx.gradients, ctx.kernels).
 
     forward(ctx, ...) rather than a separate setup_context: with the latter, every apply()
     binds its arguments through inspect.signature, about half of this path's Python cost.
@@ -174,15 +177,18 @@ class _SpemFunction(torch.autograd.Function):
     zero gradients for them."""
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        return ctx.gradients(ctx, grad, ctx.kernels)
+
+
+class _SpemFunction(_KernelFunction):
+    @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, p, residual, relu, backend):
         out, stats, idx = backend.forward(x, w1, b1, w2, b2, p, residual, relu)
         _save(ctx, x, w1, b1, w2, b2, p, residual, relu, backend, out, stats, idx)
+        ctx.gradients, ctx.kernels = _gradients, backend.backward
         return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        return _gradients(ctx, grad, ctx.backend.backward)
 
 
 # --- torch.library registration (the torch.compile path; opcheck tests it) ---
@@ -299,9 +305,8 @@ def _bn_gradients(ctx, grad, backward_kernels):
             None, None, None, None, None)
 
 
-class _SpemBnFunction(torch.autograd.Function):
-    """spem_bn's eager call path for a backend without autograd of its own (Triton), as
-    _SpemFunction is spem's. The kernels update the running statistics in place."""
+class _SpemBnFunction(_KernelFunction):
+    """spem_bn's: the kernels update the running statistics in place."""
 
     @staticmethod
     def forward(ctx, y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p, residual,
@@ -314,12 +319,8 @@ class _SpemBnFunction(torch.autograd.Function):
             increment_version(running_var)
         _bn_save(ctx, y, weight, bias, w1, b1, w2, b2, p, residual, training, relu, backend,
                  out, stats, idx, mean, invstd)
+        ctx.gradients, ctx.kernels = _bn_gradients, backend.bn_backward
         return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        return _bn_gradients(ctx, grad, ctx.backend.bn_backward)
 
 
 @torch.library.custom_op("spem_kernels::spem_bn_forward", mutates_args=())

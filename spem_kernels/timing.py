@@ -206,9 +206,9 @@ def dispatched_ops(fn):
 class OthersCpu:
     """CPUs' worth of work done by other processes since this was made: the machine's busy
     time (/proc/stat) less this process's own CPU time (every thread of it, and the children
-    it waited for), over the wall time. The load average cannot tell that: it counts this process's own running threads (a
-    2-thread CPU benchmark alone keeps it near 2). ``cpus()`` is None where /proc/stat is
-    missing (not Linux)."""
+    it waited for), over the wall time. The load average cannot tell that: it counts this
+    process's own running threads (a 2-thread CPU benchmark alone keeps it near 2).
+    ``cpus()`` is None where /proc/stat is missing (not Linux)."""
 
     def __init__(self):
         self._start = self._sample()

@@ -6,8 +6,8 @@ read when Triton JIT-compiles a function, so it is set here, before spem_kernels
 
 tests/ holds test files (test_*.py), which import spem_kernels, this folder's helper
 modules (tiny_cifar: tiny data sets in the official CIFAR format; op_inputs: the op's
-inputs in every layout) and nothing of each other; fixtures they share live here. torchrun_entry.py is the trainer's entry for the
-multi-process tests, run as a script.
+inputs in every layout) and nothing of each other; fixtures they share live here.
+torchrun_entry.py is the trainer's entry for the multi-process tests, run as a script.
 """
 import os
 

@@ -21,7 +21,8 @@ def args(shape=(2, 4, 3, 3)):
     (lambda a: a.__setitem__(1, torch.randn(5)), ValueError, "w1 must have 4 elements"),
     (lambda a: a.__setitem__(4, torch.randn(1, 3, 1, 1)), ValueError, "b2 must have 4 elements"),
     (lambda a: a.__setitem__(5, torch.randn(3)), ValueError, "p must have 2 elements"),
-    (lambda a: a.__setitem__(2, torch.ones(4, dtype=torch.int32)), TypeError, "b1 must be a floating"),
+    (lambda a: a.__setitem__(2, torch.ones(4, dtype=torch.int32)), TypeError,
+     "b1 must be a floating"),
     (lambda a: a.__setitem__(3, torch.randn(4, device="meta")), ValueError, "w2 is on meta"),
     (lambda a: a.__setitem__(0, [[1.0]]), TypeError, "x must be a torch.Tensor"),
 ])

@@ -48,8 +48,8 @@ def test_reads_arrays_under_either_numpy_module_name():
     data, labels = make_batch(4, 10, 1)
     blob = py2_pickle({b"data": data, b"labels": labels})
     assert b"cnumpy.core.multiarray\n_reconstruct" in blob and b"_codecs" not in blob
-    for blob in (blob, blob.replace(b"cnumpy.core.", b"cnumpy._core.")):
-        batch = cifar._BatchUnpickler(io.BytesIO(blob), encoding="bytes").load()
+    for named in (blob, blob.replace(b"cnumpy.core.", b"cnumpy._core.")):
+        batch = cifar._BatchUnpickler(io.BytesIO(named), encoding="bytes").load()
         assert np.array_equal(batch[b"data"], data) and batch[b"labels"] == labels
 
 

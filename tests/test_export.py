@@ -1,5 +1,5 @@
 """Deployment of SPEM models: ONNX export run by ONNX Runtime, torch.export saved and loaded
-in a fresh process, AOTInductor on CPU (README, "Export and deploy").
+in a fresh process, AOTInductor on CPU (docs/export.md).
 
 Models run with trained-like values (spem_kernels.cases.trained_like): at initialisation
 every gate is one constant and BatchNorm the identity, which would hide a wrong export.
@@ -116,7 +116,8 @@ class OddShapes(nn.Module):
         args = []
         for shape, (residual, _) in zip(self.SHAPES, self.TAILS):
             shape = (batch, *shape[1:])
-            args += [torch.randn(shape).to(dtype)] + ([torch.randn(shape).to(dtype)] if residual else [])
+            args += [torch.randn(shape).to(dtype)] + ([torch.randn(shape).to(dtype)]
+                                                      if residual else [])
         last = torch.randint(-2, 3, args[-1].shape).to(dtype)
         last[0, 1] = 0.7
         return args[:-1] + [last]

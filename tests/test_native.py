@@ -81,7 +81,8 @@ def test_output_op_is_the_forwards_output(dtype, channels_last, shape):
     res = torch.randn(shape).to(dtype).contiguous(memory_format=torch.channels_last
                                                   if channels_last else torch.contiguous_format)
     pdtype = torch.float64 if dtype == torch.float64 else torch.float32
-    params = [torch.randn(shape[1], dtype=pdtype) for _ in range(4)] + [torch.randn(2, dtype=pdtype)]
+    params = ([torch.randn(shape[1], dtype=pdtype) for _ in range(4)]
+              + [torch.randn(2, dtype=pdtype)])
     for residual, relu in [(None, False), (res, True)]:
         expected = torch.ops.spem_native.spem_forward(x, *params, residual, relu)[0]
         assert torch.isnan(expected[1, 2]).all()

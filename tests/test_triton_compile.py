@@ -35,8 +35,8 @@ def test_every_launch_compiles_for_sm80_and_sm90(compiled):
     assert any(case.endswith(" bn") for case in {row["case"] for row in compiled})
     for case in {row["case"] for row in compiled}:
         launches = sorted((row["arch"], row["kernel"]) for row in compiled if row["case"] == case)
-        assert launches == [(arch, kernel) for arch in (80, 90)
-                            for kernel in kernels["spem_bn" if case.endswith(" bn") else "spem"]], case
+        op = "spem_bn" if case.endswith(" bn") else "spem"
+        assert launches == [(arch, kernel) for arch in (80, 90) for kernel in kernels[op]], case
 
 
 def stage_rows(compiled):

@@ -9,6 +9,8 @@ import importlib
 
 import torch
 
+from . import contract
+
 NAMES = ("triton", "native", "eager")
 
 
@@ -23,18 +25,35 @@ _modules = {}
 
 
 def load(name):
-    """The backend module `name` (for "eager", the reference module), or an ImportError that
-    says why it cannot load. Every backend module has NAME, is_available, forward, backward."""
+    """The backend module `name` (for "eager", the reference module), checked against the
+    contract (contract.check: a BackendContractError names what it lacks), or an ImportError
+    that says why it cannot load."""
     if name not in _modules:
         module = "..reference" if name == "eager" else f".{name}_backend"
         try:
             _modules[name] = importlib.import_module(module, __name__)
         except Exception as e:  # a missing compiler or package must not break `import spem_kernels`
             _modules[name] = e
+        else:
+            _modules[name] = _checked(_modules[name], name)
     mod = _modules[name]
+    if isinstance(mod, contract.BackendContractError):
+        raise mod  # a defect of the backend, not of this machine: never a reason to skip it
     if isinstance(mod, Exception):
         raise ImportError(f"backend {name!r} failed to load: {type(mod).__name__}: {mod}") from mod
     return mod
+
+
+def _checked(module, name):
+    """`module`, or the BackendContractError that says what it lacks of the contract."""
+    try:
+        contract.check(module, contract.Backend if name == "eager" else contract.KernelBackend)
+        if module.NAME != name:
+            raise contract.BackendContractError(
+                f"backend module {module.__name__} has NAME {module.NAME!r}, loaded as {name!r}")
+    except contract.BackendContractError as e:
+        return e
+    return module
 
 
 def unavailable_reason(name, device):

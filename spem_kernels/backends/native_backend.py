@@ -12,9 +12,7 @@ import threading
 
 import torch
 
-from . import native_build
-from .contract import (backward_outputs, bn_backward_outputs, bn_forward_outputs,
-                       forward_outputs)
+from . import contract, native_build
 
 NAME = "native"
 _lock = threading.Lock()
@@ -22,43 +20,18 @@ _reasons = None  # {"cpu": reason or None, "cuda": reason or None} once a build 
 _fakes_registered = False
 
 
+# The spem_native op behind each entry point of the contract: the op takes the entry point's
+# arguments and returns what it returns.
+OPS = {"differentiable": "spem", "forward": "spem_forward", "output": "spem_output",
+       "backward": "spem_backward", "bn_differentiable": "spem_bn",
+       "bn_forward": "spem_bn_forward", "bn_output": "spem_bn_output",
+       "bn_backward": "spem_bn_backward"}
+
+
 def _register_fakes():
     """Shapes for FakeTensor/torch.compile: the kernels allocate exactly these."""
-    @torch.library.register_fake("spem_native::spem")
-    def _(x, w1, b1, w2, b2, p, residual, relu):
-        return torch.empty_like(x)
-
-    @torch.library.register_fake("spem_native::spem_forward")
-    def _(x, w1, b1, w2, b2, p, residual, relu):
-        return forward_outputs(x)
-
-    @torch.library.register_fake("spem_native::spem_output")
-    def _(x, w1, b1, w2, b2, p, residual, relu):
-        return torch.empty_like(x)
-
-    @torch.library.register_fake("spem_native::spem_backward")
-    def _(grad, x, out, stats, idx, w1, b1, w2, b2, p, relu, write_dres):
-        return backward_outputs(x, write_dres, (w1, b1, w2, b2, p))
-
-    @torch.library.register_fake("spem_native::spem_bn")
-    def _(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p, residual, training,
-          momentum, eps, relu):
-        return torch.empty_like(y)
-
-    @torch.library.register_fake("spem_native::spem_bn_output")
-    def _(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p, residual, training,
-          momentum, eps, relu):
-        return torch.empty_like(y)
-
-    @torch.library.register_fake("spem_native::spem_bn_forward")
-    def _(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p, residual, training,
-          momentum, eps, relu):
-        return bn_forward_outputs(y)
-
-    @torch.library.register_fake("spem_native::spem_bn_backward")
-    def _(grad, y, out, stats, idx, mean, invstd, weight, bias, w1, b1, w2, b2, p, training,
-          relu, write_dres):
-        return bn_backward_outputs(y, write_dres, weight, bias, (w1, b1, w2, b2, p))
+    for entry_point, op in OPS.items():
+        torch.library.register_fake(f"spem_native::{op}", contract.fake(entry_point))
 
 
 def _ensure_built():

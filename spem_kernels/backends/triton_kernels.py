@@ -229,6 +229,21 @@ def _input_grad(G, g, dM, dm, i_max, i_min, hw):
 
 
 @triton.jit
+def _writing_pass_planes(n, c, c_ok, C, idx_ptr, g_ptr, x_ptr, out_ptr, d_ptr, dres_ptr,
+                         sg_n, sg_c, sx_n, sx_c, so_n, so_c, sd_n, sd_c, sdr_n, sdr_c):
+    """What a backward's writing pass (spem's, spem_bn's) addresses per (n, c): where the
+    planes of grad, the input (x or y), out, its gradient and dresidual start, and the
+    plane's argmax and argmin."""
+    cc = c[:, None]
+    row = (n * C + c) * 2
+    return (g_ptr + n * sg_n + cc * sg_c, x_ptr + n * sx_n + cc * sx_c,
+            out_ptr + n * so_n + cc * so_c, d_ptr + n * sd_n + cc * sd_c,
+            dres_ptr + n * sdr_n + cc * sdr_c,
+            tl.load(idx_ptr + row, mask=c_ok, other=0),
+            tl.load(idx_ptr + row + 1, mask=c_ok, other=0))
+
+
+@triton.jit
 def _spem_bwd_kernel(
     g_ptr, x_ptr, out_ptr, dx_ptr, dres_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, p_ptr,
     stats_ptr, idx_ptr, part_ptr,
@@ -246,17 +261,13 @@ def _spem_bwd_kernel(
     formed without cancellation)."""
     n, c, hw0 = _program_channels(num_c_blocks, BLOCK_C, BLOCK_HW, WIDE)
     c_ok = c < C
-    g_base = g_ptr + n * sg_n + c[:, None] * sg_c
-    x_base = x_ptr + n * sx_n + c[:, None] * sx_c
-    o_base = out_ptr + n * so_n + c[:, None] * so_c
-    d_base = dx_ptr + n * sd_n + c[:, None] * sd_c
-    dr_base = dres_ptr + n * sdr_n + c[:, None] * sdr_c
+    g_base, x_base, o_base, d_base, dr_base, i_max, i_min = _writing_pass_planes(
+        n, c, c_ok, C, idx_ptr, g_ptr, x_ptr, out_ptr, dx_ptr, dres_ptr,
+        sg_n, sg_c, sx_n, sx_c, so_n, so_c, sd_n, sd_c, sdr_n, sdr_c)
 
     row = (n * C + c) * 2
     M = tl.load(stats_ptr + row, mask=c_ok, other=0).to(ACC)
     m = tl.load(stats_ptr + row + 1, mask=c_ok, other=0).to(ACC)
-    i_max = tl.load(idx_ptr + row, mask=c_ok, other=0)
-    i_min = tl.load(idx_ptr + row + 1, mask=c_ok, other=0)
     w1, b1, w2, b2, q0, q1 = _load_params(w1_ptr, b1_ptr, w2_ptr, b2_ptr, p_ptr, c, c_ok, ACC)
 
     if ONE_PASS:
@@ -537,11 +548,9 @@ def _bn_bwd_write_kernel(
     from _spem_param_grads_kernel; dresidual = G."""
     n, c, hw0 = _program_channels(num_c_blocks, BLOCK_C, BLOCK_HW, WIDE)
     c_ok = c < C
-    g_base = g_ptr + n * sg_n + c[:, None] * sg_c
-    y_base = y_ptr + n * sy_n + c[:, None] * sy_c
-    o_base = out_ptr + n * so_n + c[:, None] * so_c
-    d_base = dy_ptr + n * sd_n + c[:, None] * sd_c
-    dr_base = dres_ptr + n * sdr_n + c[:, None] * sdr_c
+    g_base, y_base, o_base, d_base, dr_base, i_max, i_min = _writing_pass_planes(
+        n, c, c_ok, C, idx_ptr, g_ptr, y_ptr, out_ptr, dy_ptr, dres_ptr,
+        sg_n, sg_c, sy_n, sy_c, so_n, so_c, sd_n, sd_c, sdr_n, sdr_c)
     alpha, _, mean, _ = _bn_affine(mean_ptr, invstd_ptr, weight_ptr, bias_ptr, c, c_ok,
                                    HAS_WEIGHT, HAS_BIAS, ACC)
     k2 = tl.load(coef_ptr + c, mask=c_ok, other=0)[:, None]
@@ -550,9 +559,6 @@ def _bn_bwd_write_kernel(
     g = tl.load(part + 7 * NC, mask=c_ok, other=0)
     dM = tl.load(part + 8 * NC, mask=c_ok, other=0)
     dm = tl.load(part + 9 * NC, mask=c_ok, other=0)
-    row = (n * C + c) * 2
-    i_max = tl.load(idx_ptr + row, mask=c_ok, other=0)
-    i_min = tl.load(idx_ptr + row + 1, mask=c_ok, other=0)
     for start in range(0, HW, BLOCK_HW):
         hw = start + hw0
         mask = c_ok[:, None] & (hw < HW)[None, :]
