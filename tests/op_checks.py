@@ -82,9 +82,15 @@ def scaled_err(actual, expected, scale):
     return (diff.norm() / scale.double().reshape(-1).norm().clamp_min(1e-6)).item()
 
 
+def relu_masked(grad_out, out):
+    """grad_out through a ReLU whose output is `out`, in float64, as torch's ReLU backward
+    takes it (SPEM.md): 0 where out <= 0, grad_out elsewhere (NaN outputs included)."""
+    return grad_out.double().masked_fill(out <= 0, 0)
+
+
 def spem_masked_grad(inputs, grad_out, relu):
-    """G of spem's backward in float64 (grad_out masked where the reference's output is 0)."""
+    """G of spem's backward in float64 (grad_out masked by the reference's output)."""
     x, *params, residual = [t.double() if t is not None else None for t in inputs]
     if not relu:
         return grad_out.double()
-    return grad_out.double() * (spem_reference(x, *params, residual, relu=True) > 0)
+    return relu_masked(grad_out, spem_reference(x, *params, residual, relu=True))

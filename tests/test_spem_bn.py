@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from op_checks import (PARAM_TOL, leaves, param_grad_scales, rel_err, relu_boundary_zeroed,
-                       scaled_err)
+                       relu_masked, scaled_err)
 from op_inputs import layout, make_bn_inputs
 from spem_kernels import spem_bn, spem_bn_reference, spem_reference
 from spem_kernels.cases import STAGES, stage_shape
@@ -97,7 +97,7 @@ def check_against_composition(inputs, training, relu, backend, out_tol, grad_tol
     for name, s, rs in zip(("running_mean", "running_var"), stats, ref_stats):
         if s is not None:
             assert rel_err(s, rs) <= STATS_TOL, name
-    G = grad_out.double() * (ref > 0) if relu else grad_out.double()
+    G = relu_masked(grad_out, ref) if relu else grad_out.double()
     y64 = y.double()
     if training:
         mean, var = y64.mean((0, 2, 3)), y64.var((0, 2, 3), unbiased=False)
@@ -324,3 +324,4 @@ def test_empty_batch(case):
     out = spem_bn(inputs[0].requires_grad_(), rm, rv, *inputs[3:], relu=True, backend=backend)
     assert out.shape == (0, 4, 3, 3)
     assert torch.equal(rm, inputs[1]) and torch.equal(rv, inputs[2])
+

@@ -106,10 +106,11 @@ def _minmax(y, mask):
 @triton.jit
 def _masked_grad(g_base, o_base, hw, W, sg_h, sg_w, so_h, so_w, mask,
                  RELU: tl.constexpr, FLAT: tl.constexpr, ACC: tl.constexpr):
-    """G = dL/dout, zeroed where the ReLU was off (out <= 0)."""
+    """G = dL/dout, zeroed where the ReLU was off (out <= 0), as torch's ReLU backward: a
+    NaN output passes G."""
     G = _load_tile(g_base, hw, W, sg_h, sg_w, mask, FLAT, ACC)
     if RELU:
-        G = tl.where(_load_tile(o_base, hw, W, so_h, so_w, mask, FLAT, ACC) > 0, G, 0.0)
+        G = tl.where(_load_tile(o_base, hw, W, so_h, so_w, mask, FLAT, ACC) <= 0, 0.0, G)
     return G
 
 
@@ -238,7 +239,7 @@ def _spem_bwd_kernel(
     RELU: tl.constexpr, WRITE_DRES: tl.constexpr, ACC: tl.constexpr, FLAT: tl.constexpr,
     WIDE: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    """G = dL/dout (masked by out > 0 with relu); S = sum(G * y) over the plane;
+    """G = dL/dout (zeroed where out <= 0 with relu); S = sum(G * y) over the plane;
     dZ = S s1 s2 (1 - s2), dU = S s1 s2 (1 - s1), dA = dU + dZ w1 q0, dB = dU + dZ w1 q1;
     dy = G g + dA w2 at argmax + dB w2 at argmin; dresidual = G. Per (n, c) it stores the
     partials [dZ (q0 A + q1 B), dZ, dA M + dB m, dA + dB, dZ w1 w2 (M - m)] as five (N, C)
