@@ -24,7 +24,7 @@ from spem_kernels.backends import unavailable_reason  # noqa: E402
 
 # hypothesis profiles of the property-based tests (test_fuzz.py), picked by HYPOTHESIS_PROFILE.
 # "ci" (the default): the same examples every run (derandomized: a seed fixed by each test),
-# no example database, bounded to fit CI (the fuzz tests' examples, all paths: ~2 minutes on
+# no example database, bounded to fit CI (300 examples, all paths: under 3 minutes on
 # 2 cores); "long": thousands of fresh examples, for a soak. Both print a failure's
 # @reproduce_failure blob. Examples take milliseconds to seconds (Triton's interpreter), so
 # no deadline; an example's tensors are built from a small recipe, so no data-size check.

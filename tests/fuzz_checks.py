@@ -249,16 +249,18 @@ def spem_bn_expected(tensors, grad_out, training, momentum, eps, relu):
     return Expected((out.detach(), out_size), grads, running, grad_out, compute)
 
 
-def mismatches(got, want, size, tol, slack=0):
+def mismatches(got, want, size, tol, slack=0, rounding=1):
     """A description of where `got` breaks the rules against `want` (float64), its `size`
-    and `slack` (module docstring), or None."""
+    and `slack` (module docstring), or None. rounding: the rounding of a 16-bit `got` in
+    half ulps (a path's)."""
     a, e = got.detach().double(), want.detach().double()
     size = torch.as_tensor(size, dtype=torch.float64).expand_as(e)
     if a.shape != e.shape:
         return f"shape {tuple(a.shape)}, expected {tuple(e.shape)}"
     finfo = torch.finfo(got.dtype)
     stored = e.to(got.dtype).double()  # want rounded to got's dtype: inf past its range
-    allowed = (tol * size + slack + finfo.eps / 2 * e.abs()
+    half_ulps = rounding if got.dtype in (torch.float16, torch.bfloat16) else 1
+    allowed = (tol * size + slack + half_ulps * finfo.eps / 2 * e.abs()
                + finfo.smallest_normal * finfo.eps).nan_to_num(nan=float("inf"))
     near_overflow = (e.abs() - finfo.max).abs() <= allowed
     bad = a.isnan() != e.isnan()
@@ -275,8 +277,8 @@ def mismatches(got, want, size, tol, slack=0):
     return f"{int(bad.sum())} of {bad.numel()} wrong, {detail}"
 
 
-def failures(result, expected):
-    """Every rule the path's Result breaks, as lines (empty: none)."""
+def failures(result, expected, rounding=1):
+    """Every rule the path's Result breaks, as lines (empty: none); rounding: the path's."""
     tol = TOL[expected.compute]
     lines = []
     checks = [("out", result.out, *expected.out, 0)]
@@ -294,7 +296,7 @@ def failures(result, expected):
                                            expected.running):
             checks.append((name, got, want, size, 0))
     for name, got, want, size, slack in checks:
-        problem = mismatches(got, want, size, tol, slack)
+        problem = mismatches(got, want, size, tol, slack, rounding)
         if problem:
             lines.append(f"{name} ({got.dtype}): {problem}")
     return lines

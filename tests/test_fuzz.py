@@ -32,7 +32,8 @@ def check_paths(case, numel, run, expected):
         if path.max_elements is not None and numel > path.max_elements:
             continue
         event(f"ran {name}")
-        problems += [f"{name}: {line}" for line in failures(run(path), expected)]
+        problems += [f"{name}: {line}"
+                     for line in failures(run(path), expected, path.rounding)]
     assert not problems, "\n".join(problems + [f"reproduce: @example({case!r})"])
 
 
@@ -72,6 +73,18 @@ def test_spem(case):
 @example(BnCase(spem=SpemCase(shape=(2, 1, 1, 1), dtype="float32", x=Values(),
                               params=Params(dtype="float64"), residual=None, grad=Values()),
                 weight=False, bias=False))
+# Triton's interpreter truncates float32 to bfloat16 (fuzz_paths): a whole ulp off.
+@example(BnCase(spem=SpemCase(shape=(1, 1, 1, 1), dtype="bfloat16", x=Values(seed=1),
+                              params=Params(), residual=None, grad=Values()),
+                training=False, weight=False, bias=False))
+# An infinite y in eval: dy = alpha (dx - k2 - (y - mean) k3) gave inf * 0 = NaN where
+# k3 = 0 (eval), and BatchNorm's gradient is alpha dx: the kernels now leave the zero term
+# out (CPU, Triton).
+@example(BnCase(spem=SpemCase(shape=(1, 1, 2, 1), dtype="float32",
+                              x=Values(specials=((0, "inf"),)), params=Params(),
+                              residual=None, grad=Values(),
+                              layouts=("expanded_h", "contiguous", "contiguous")),
+                training=False, weight=False, bias=False))
 def test_spem_bn(case):
     tensors, grad_out = case.tensors()
     expected = spem_bn_expected(tensors, grad_out, case.training, case.momentum, case.eps,

@@ -565,6 +565,7 @@ def _bn_bwd_write_kernel(
         G = _masked_grad(g_base, o_base, hw, W, sg_h, sg_w, so_h, so_w, mask, RELU, FLAT, ACC)
         dev = _load_tile(y_base, hw, W, sy_h, sy_w, mask, FLAT, ACC) - mean[:, None]
         dx = _input_grad(G, g, dM, dm, i_max, i_min, hw)
-        _store_tile(d_base, hw, W, sd_h, sd_w, mask, alpha[:, None] * (dx - k2 - dev * k3), FLAT)
+        dev_k3 = tl.where(k3 == 0, 0.0, dev * k3)  # eval adds nothing, an infinite y included
+        _store_tile(d_base, hw, W, sd_h, sd_w, mask, alpha[:, None] * (dx - k2 - dev_k3), FLAT)
         if WRITE_DRES:
             _store_tile(dr_base, hw, W, sdr_h, sdr_w, mask, G, FLAT)
