@@ -329,10 +329,11 @@ struct BnRowCoef {
     return {g[l], alpha[l], k2[l], k3[l], mean[l], ext.lane(l)};
   }
   // dy at position pos: dx = G g with the extremes' terms, then BatchNorm's backward
-  // alpha (dx - k2 - (y - mean) k3).
+  // alpha (dx - k2 - (y - mean) k3). k3 = 0 (eval) adds nothing, an infinite y included.
   template <typename U, typename Q>
   U dy(U G, U y, Q pos) const {
-    return alpha * (ext.add(G * g, pos) - k2 - (y - mean) * k3);
+    const U dev_k3 = (y - mean) * k3;
+    return alpha * (ext.add(G * g, pos) - k2 - (k3 == U{} ? U{} : dev_k3));
   }
 };
 

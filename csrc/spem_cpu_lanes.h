@@ -290,10 +290,12 @@ V relu(V v) {
   return v < zero ? zero : v;
 }
 
-// The gradient through a ReLU from its output: G where out > 0, else 0 (NaN out included).
+// The gradient through a ReLU from its output, as torch's ReLU backward (threshold_backward)
+// takes it: 0 where out <= 0, else G. A NaN output passes G (NaN <= 0 is false), and so does
+// +inf. 16-bit outputs are read as stored (SPEM.md, Backward).
 template <bool Relu, typename V>
 V relu_grad(V G, V out) {
-  if constexpr (Relu) return out > V{} ? G : V{};
+  if constexpr (Relu) return out <= V{} ? V{} : G;
   return G;
 }
 

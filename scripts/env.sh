@@ -16,7 +16,8 @@ else
 fi
 need=()
 for mod_req in "triton:triton==3.6.0" "pytest:pytest" "pytest_benchmark:pytest-benchmark" \
-               "ninja:ninja" "matplotlib:matplotlib" "tqdm:tqdm"; do
+               "ninja:ninja" "matplotlib:matplotlib" "tqdm:tqdm" \
+               "hypothesis:hypothesis>=6.100,<7"; do
   "$PY" -c "import ${mod_req%%:*}" 2>/dev/null || need+=("${mod_req#*:}")
 done
 # tests/test_wheel.py builds a wheel: setuptools >= 70.1 does that by itself (a Python 3.12+

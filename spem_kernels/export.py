@@ -40,9 +40,13 @@ def spem_bn(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p, resid
     """spem_bn's output in standard ops: BatchNorm (ONNX BatchNormalization), then SPEM, in
     the compute dtype (float32 for 16-bit y, as the kernels), one rounding to y's dtype."""
     dtype = compute_dtype(y.dtype)
-    x = F.batch_norm(_cast(y, dtype), *(_cast(t, dtype) if t is not None else None for t in
-                                        (running_mean, running_var, weight, bias)),
+    stats = [_cast(t, dtype) if t is not None else None for t in (running_mean, running_var)]
+    x = F.batch_norm(_cast(y, dtype), *stats, *(_cast(t, dtype) if t is not None else None
+                                                 for t in (weight, bias)),
                      training, momentum, eps)
+    for buffer, updated in zip((running_mean, running_var), stats):
+        if training and buffer is not None and updated is not buffer:  # batch_norm updated a copy
+            buffer.copy_(updated)
     y_max, y_min = _extremes(x)
     return _cast(_tail(x, y_max, y_min, w1, b1, w2, b2, p, residual, relu), y.dtype)
 

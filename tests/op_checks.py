@@ -54,39 +54,81 @@ def leaves(tensors):
     return out
 
 
-def relu_boundary_zeroed(grad_out, pre, residual):
-    """grad_out with zeros where `pre`, the float64 pre-activation (g x + residual), is within
-    RELU_BOUNDARY_ULPS float32 ulps of 0, so that both sides apply the same ReLU mask."""
+def relu_boundary_zeroed(grad_out, pre, residual, size=None, dtype=None):
+    """grad_out with zeros where the ReLU's mask is uncertain: where `pre`, the float64
+    pre-activation (g x + residual), moved by RELU_BOUNDARY_ULPS float32 ulps of `size` (the
+    size of its terms; default |g x| + |residual|) either way, would be masked differently,
+    so that both sides apply the same mask. `dtype`: the output's, whose rounding the fused
+    mask reads for 16-bit outputs (SPEM.md, Backward); None: float32."""
     res = residual.double() if residual is not None else torch.zeros_like(pre)
-    scale = (pre - res).abs() + res.abs()
-    near = pre.abs() <= RELU_BOUNDARY_ULPS * torch.finfo(torch.float32).eps * scale
-    return grad_out.clone().masked_fill_(near, 0)  # in grad_out's layout
+    if size is None:
+        size = (pre - res).abs() + res.abs()
+    err = RELU_BOUNDARY_ULPS * torch.finfo(torch.float32).eps * size
+    dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
+    off = [(v.to(dtype) <= 0) for v in (pre - err, pre + err)]
+    return grad_out.clone().masked_fill_(off[0] != off[1], 0)  # in grad_out's layout
 
 
-def param_grad_scales(x, w1, b1, w2, b2, p, G):
-    """For each SPEM parameter (w1, b1, w2, b2, p), the size that rounding its gradient is
-    relative to, in float64: the sum over (n, c) of the absolute values of the gradient's
-    terms (SPEM.md, Backward), with S taken as the sum of |G x| over the plane. x: the
-    values SPEM gates; G: the gradient reaching g x (masked by the ReLU). A parameter
-    gradient is a sum of such terms, over n (and c, for p) and over the plane inside S; where
-    they cancel, its float32 error stays ~1e-7 of this size, a far larger share of the
-    result (p's gradient at ImageNet planes, a sum over c of terms of either sign)."""
+# The smallest and the relative rounding of float32 arithmetic, which spem's sizes below are in.
+F32 = torch.finfo(torch.float32)
+
+
+@torch.no_grad()
+def plane_term_sizes(x, w1, b1, w2, b2, p, G, x_size=None, finfo=F32):
+    """Per plane (N, C), in float64, the size that rounding each of SPEM's per-plane values is
+    relative to (SPEM.md, Backward): a dict of the gate "g", "dM", "dm" (the extremes' terms
+    of dx) and the five "partials" (dw1, db1, dw2, db2, dq0 - dq1 before the sums). A size is
+    the value's formula over the absolute values of its terms, with S = sum |G| |x| over the
+    plane, and two things that rounding adds:
+    - a sigmoid s of u carries u's absolute error into its own relative error
+      (d ln s / du = 1 - s): it is sized s (1 + |u| (1 - s)), |u| from u's terms, so a gate
+      of large |A + B| or |Z| is allowed its few-ulps-of-u error; 1 - s is sized
+      1 - s + s kappa, the rounding of s, not of the small difference;
+    - an exponential that underflows (float32 sigmoids below ~1e-38 are 0, float64's are
+      not) leaves an absolute error of finfo.tiny: each s is floored at tiny / eps.
+    x: the values SPEM gates, G: the gradient reaching g x (masked by the ReLU), x_size: the
+    size of x's values where x itself carries rounding (spem_bn's normalised values; default
+    |x|), finfo: the compute dtype's. Non-finite sizes (infinite inputs) come out as inf."""
     x, w1, b1, w2, b2, p, G = (t.double() for t in (x, w1, b1, w2, b2, p, G))
+    x_size = x.abs() if x_size is None else x_size.double()
     C = x.shape[1]
     w1, b1, w2, b2 = (t.reshape(1, C) for t in (w1, b1, w2, b2))
-    S = (G * x).abs().sum((2, 3))
+    aw1, ab1, aw2, ab2 = (t.abs() for t in (w1, b1, w2, b2))
     M, m = x.amax((2, 3)), x.amin((2, 3))
+    ext_size = x_size.amax((2, 3))  # of M and of m
+    S = (G.abs() * x_size).sum((2, 3))
     P = p.square().sum()
     q0, q1 = p.square() / P
     A, B = w2 * M + b2, w2 * m + b2
-    s1, s2 = torch.sigmoid(A + B), torch.sigmoid(w1 * (q0 * A + q1 * B) + b1)
-    dZ = S * s1 * s2 * (1 - s2)
-    dU = S * s1 * s2 * (1 - s1)
-    dA, dB = dU + dZ * (w1 * q0).abs(), dU + dZ * (w1 * q1).abs()
-    D = (dZ * (w1 * w2 * (M - m)).abs()).sum()
-    return [(dZ * (q0 * A + q1 * B).abs()).sum(0), dZ.sum(0),
-            (dA * M.abs() + dB * m.abs()).sum(0), (dA + dB).sum(0),
-            2 * p.abs() * torch.stack([q1, q0]) * D / P]
+    AB_size = aw2 * ext_size + ab2  # of A and of B
+    s1 = torch.sigmoid(A + B)
+    s2 = torch.sigmoid(w1 * (q0 * A + q1 * B) + b1)
+    kappa1, kappa2 = 1 + 2 * AB_size * (1 - s1), 1 + (aw1 * AB_size + ab1) * (1 - s2)
+    floor = finfo.tiny / finfo.eps
+    g = (s1 * kappa1 + floor) * (s2 * kappa2 + floor)
+    dZ = S * g * (1 - s2 + s2 * kappa2)
+    dU = S * g * (1 - s1 + s1 * kappa1)
+    dA, dB = dU + dZ * aw1 * q0, dU + dZ * aw1 * q1
+    partials = [dZ * AB_size, dZ, (dA + dB) * ext_size, dA + dB,
+                2 * dZ * aw1 * aw2 * ext_size]
+    sizes = {"g": g, "dM": dA * aw2, "dm": dB * aw2, "partials": partials}
+    return {k: (v.nan_to_num(nan=float("inf")) if k != "partials" else
+                [t.nan_to_num(nan=float("inf")) for t in v]) for k, v in sizes.items()}
+
+
+@torch.no_grad()
+def param_grad_scales(x, w1, b1, w2, b2, p, G, x_size=None, finfo=F32):
+    """For each SPEM parameter (w1, b1, w2, b2, p), the size that rounding its gradient is
+    relative to, in float64: the sum over n of plane_term_sizes' partials (for p, over n and
+    c: 2 |p_i| q_other D / P from D's size). Where a parameter gradient's terms cancel, its
+    float32 error stays ~1e-7 of this size, a far larger share of the result (p's gradient
+    at ImageNet planes, a sum over c of terms of either sign)."""
+    partials = plane_term_sizes(x, w1, b1, w2, b2, p, G, x_size, finfo)["partials"]
+    p = p.double()
+    P = p.square().sum()
+    q0, q1 = p.square() / P
+    D = partials[4].sum()
+    return [t.sum(0) for t in partials[:4]] + [2 * p.abs() * torch.stack([q1, q0]) * D / P]
 
 
 def scaled_err(actual, expected, scale):
@@ -97,12 +139,18 @@ def scaled_err(actual, expected, scale):
     return (diff.norm() / scale.double().reshape(-1).norm().clamp_min(1e-6)).item()
 
 
+def relu_masked(grad_out, out):
+    """grad_out through a ReLU whose output is `out`, in float64, as torch's ReLU backward
+    takes it (SPEM.md): 0 where out <= 0, grad_out elsewhere (NaN outputs included)."""
+    return grad_out.double().masked_fill(out <= 0, 0)
+
+
 def spem_masked_grad(inputs, grad_out, relu):
-    """G of spem's backward in float64 (grad_out masked where the reference's output is 0)."""
+    """G of spem's backward in float64 (grad_out masked by the reference's output)."""
     x, *params, residual = [t.double() if t is not None else None for t in inputs]
     if not relu:
         return grad_out.double()
-    return grad_out.double() * (spem_reference(x, *params, residual, relu=True) > 0)
+    return relu_masked(grad_out, spem_reference(x, *params, residual, relu=True))
 
 
 def run(fn, inputs, relu, grad_out, **kw):
@@ -198,8 +246,9 @@ def off_relu_boundary(grad_out, inputs, training, relu, eps):
 
 
 def check_against_composition(inputs, training, relu, op, out_tol, grad_tol, eps=EPS):
-    """The fused spem_bn `op` against its float64 composition. Output, dy and dresidual within grad_tol relative (out_tol for the output); running
-    statistics within STATS_TOL; parameter gradients (SPEM's and BatchNorm's) within
+    """The fused spem_bn `op` (called as spem_bn is, without a backend) against its float64
+    composition: output, dy and dresidual within grad_tol relative (out_tol for the output);
+    running statistics within STATS_TOL; parameter gradients (SPEM's and BatchNorm's) within
     PARAM_TOL of the size of their terms, and in their parameter's dtype."""
     y = inputs[0]
     grad_out = off_relu_boundary(random_like(y), inputs, training, relu, eps)
@@ -213,7 +262,7 @@ def check_against_composition(inputs, training, relu, op, out_tol, grad_tol, eps
     for name, s, rs in zip(("running_mean", "running_var"), stats, ref_stats):
         if s is not None:
             assert rel_err(s, rs) <= STATS_TOL, name
-    G = grad_out.double() * (ref > 0) if relu else grad_out.double()
+    G = relu_masked(grad_out, ref) if relu else grad_out.double()
     y64 = y.double()
     if training:
         mean, var = y64.mean((0, 2, 3)), y64.var((0, 2, 3), unbiased=False)

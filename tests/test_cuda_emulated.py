@@ -229,7 +229,8 @@ def test_every_kernel_ran():
     names = set(emulation.kernels())
     assert {name for name, _ in compiled} == names
     for name in names:
-        assert {dtype for kernel, dtype in compiled if kernel == name} == set(emulation.DTYPES), name
+        dtypes = {dtype for kernel, dtype in compiled if kernel == name}
+        assert dtypes == set(emulation.DTYPES), name
     launched = {r["instance"] for r in emulation.launch_log()}
     missing = sorted(i for instances in compiled.values() for i in instances if i not in launched)
     assert not missing, f"kernels never launched by the emulated tests: {missing}"

@@ -152,6 +152,58 @@ def test_nan_plane_is_nan(case, kind):
         assert rel_err(out[keep], ref[keep]) <= 1e-6
 
 
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last"])
+def test_relu_gradient_passes_where_the_output_is_nan(case, kind):
+    """The ReLU's mask as torch's ReLU backward takes it (SPEM.md, Backward): the gradient is
+    0 where out <= 0 and passes elsewhere, NaN outputs included: at a NaN of the residual
+    (the rest of its plane finite, and S takes the term) and over a NaN plane."""
+    backend, device = case
+    shape = (2, 3, 5, 6)
+    inputs = make_inputs(shape, torch.float32, device, kind)
+    x, res = inputs[0].clone(), inputs[6].clone()
+    x[1, 2, 4, 0] = float("nan")
+    res[0, 1, 2, 3] = float("nan")
+    inputs[0], inputs[6] = layout(x, kind), layout(res, kind)
+    grad_out = grad_off_relu_boundary(torch.randn(shape, device=device), inputs, True)
+    out, grads = run(spem, inputs, True, grad_out, backend=backend)
+    ref, ref_grads = run(spem_reference, [t.double() for t in inputs], True, grad_out.double())
+    nan = ref.isnan()
+    assert nan[0, 1, 2, 3] and nan[1, 2].all() and nan.sum() == 1 + 5 * 6
+    assert torch.equal(out.isnan(), nan)
+    assert torch.equal(ref_grads[6][nan], grad_out.double()[nan])  # torch's ReLU passes it
+    assert torch.equal(grads[6][nan], grad_out[nan])
+    for g, rg in zip(grads, ref_grads):  # x, w1, b1, w2, b2, p, residual
+        assert torch.equal(g.isnan(), rg.isnan())
+        assert rel_err(g[~g.isnan()], rg[~rg.isnan()]) <= 1e-5
+    assert not grads[0][0, 1].isnan().any()  # the residual's NaN stays out of dx
+
+
+def test_half_precision_relu_mask_reads_the_stored_output(case):
+    """16-bit outputs: the mask is read off the stored, rounded output (SPEM.md). A plane of
+    float16's smallest subnormal, gated by ~0.03, gives outputs positive in float32 that round
+    to 0: the fused op passes no gradient there (the eager reference, masking on float32,
+    does); the other planes match the reference."""
+    backend, device = case
+    shape = (2, 3, 4, 5)
+    x = torch.rand(shape, device=device).add(0.5).half()
+    x[1, 2] = 2.0**-24
+    C = shape[1]
+    params = [torch.zeros(C, device=device), torch.full((C,), -1.0, device=device),
+              torch.zeros(C, device=device), torch.full((C,), -1.0, device=device),
+              torch.full((2,), 0.5, device=device)]  # the initialisation: gate 0.032
+    inputs = [x, *params, None]
+    grad_out = torch.randn(shape, device=device).half()
+    out, grads = run(spem, inputs, True, grad_out, backend=backend)
+    ref, ref_grads = run(spem_reference, [t.double() if t is not None else None
+                                          for t in inputs], True, grad_out.double())
+    assert torch.all(out[1, 2] == 0) and torch.all(ref[1, 2] > 0)
+    assert torch.all(grads[0][1, 2] == 0) and torch.all(ref_grads[0][1, 2] != 0)
+    keep = torch.ones(shape, dtype=torch.bool, device=device)
+    keep[1, 2] = False
+    assert rel_err(out[keep], ref[keep]) <= 1e-3
+    assert rel_err(grads[0][keep], ref_grads[0][keep]) <= 1e-3
+
+
 @pytest.mark.parametrize("kind", ["contiguous", "channels_last", "sliced"])
 def test_forward_without_backward_gives_the_same_output(case, kind):
     """Under no_grad (or with nothing that wants a gradient) the op computes its output

@@ -14,6 +14,7 @@ from op_checks import (EPS, MOMENTUM, STATS_TOL, as64, check_against_composition
                        leaves, rel_err, run_fused)
 from op_inputs import layout, make_bn_inputs
 from spem_kernels import spem_bn, spem_bn_reference
+from spem_kernels.backends import unavailable_reason
 from spem_kernels.cases import STAGES, stage_shape
 from spem_kernels.ops import spem_bn_backward, spem_bn_forward
 
@@ -246,3 +247,33 @@ def test_empty_batch(case):
     out = spem_bn(inputs[0].requires_grad_(), rm, rv, *inputs[3:], relu=True, backend=backend)
     assert out.shape == (0, 4, 3, 3)
     assert torch.equal(rm, inputs[1]) and torch.equal(rv, inputs[2])
+
+
+def test_triton_statistics_count_past_int32():
+    """The Triton finalisation's count N H W (and the offset N C of the M2 plane) in int64:
+    3 planes of 2**15 x 2**15 make 3 * 2**30 values, which int32 arithmetic wraps negative.
+    Only the finalisation runs: y is an expanded view (its shape is all it reads) and the
+    planes' means and M2 are given, so nothing of that size is allocated or walked."""
+    if unavailable_reason("triton", torch.device("cpu" if not torch.cuda.is_available()
+                                                  else "cuda")) is not None:
+        pytest.skip("Triton does not run here")
+    from spem_kernels.backends import triton_backend as tb
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    N, C, HW = 3, 2, 2**30
+    y = torch.empty(1, device=device).expand(N, C, 2**15, 2**15)
+    plane_mean = torch.tensor([[0.5, -1.0], [1.5, -1.0], [1.0, -1.0]], device=device)
+    plane_var = torch.tensor([[2.0, 0.5], [1.0, 0.5], [3.0, 0.5]], device=device)
+    part = torch.stack([plane_mean, plane_var * HW])  # (2, N, C): means, M2
+    running_mean, running_var = torch.zeros(C, device=device), torch.ones(C, device=device)
+    mean, invstd = torch.empty(C, device=device), torch.empty(C, device=device)
+    launch = tb.bn_finalize_launch(y, part, running_mean, running_var, mean, invstd, True,
+                                   MOMENTUM, EPS)
+    tb._bn_finalize_kernel(*launch, y.device)
+    want_mean = plane_mean.double().mean(0)
+    want_var = plane_var.double().mean(0) + plane_mean.double().var(0, unbiased=False)
+    assert rel_err(mean, want_mean) <= 1e-6
+    assert rel_err(invstd, (want_var + EPS).rsqrt()) <= 1e-6
+    unbiased = want_var * (N * HW) / (N * HW - 1)
+    assert rel_err(running_var, (1 - MOMENTUM) + MOMENTUM * unbiased) <= 1e-6
+    assert rel_err(running_mean, MOMENTUM * want_mean) <= 1e-6

@@ -106,10 +106,11 @@ def _minmax(y, mask):
 @triton.jit
 def _masked_grad(g_base, o_base, hw, W, sg_h, sg_w, so_h, so_w, mask,
                  RELU: tl.constexpr, FLAT: tl.constexpr, ACC: tl.constexpr):
-    """G = dL/dout, zeroed where the ReLU was off (out <= 0)."""
+    """G = dL/dout, zeroed where the ReLU was off (out <= 0), as torch's ReLU backward: a
+    NaN output passes G."""
     G = _load_tile(g_base, hw, W, sg_h, sg_w, mask, FLAT, ACC)
     if RELU:
-        G = tl.where(_load_tile(o_base, hw, W, so_h, so_w, mask, FLAT, ACC) > 0, G, 0.0)
+        G = tl.where(_load_tile(o_base, hw, W, so_h, so_w, mask, FLAT, ACC) <= 0, 0.0, G)
     return G
 
 
@@ -253,7 +254,7 @@ def _spem_bwd_kernel(
     RELU: tl.constexpr, WRITE_DRES: tl.constexpr, ACC: tl.constexpr, FLAT: tl.constexpr,
     WIDE: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    """G = dL/dout (masked by out > 0 with relu); S = sum(G * y) over the plane;
+    """G = dL/dout (zeroed where out <= 0 with relu); S = sum(G * y) over the plane;
     dZ = S s1 s2 (1 - s2), dU = S s1 s2 (1 - s1), dA = dU + dZ w1 q0, dB = dU + dZ w1 q1;
     dy = G g + dA w2 at argmax + dB w2 at argmin; dresidual = G. Per (n, c) it stores the
     partials [dZ (q0 A + q1 B), dZ, dA M + dB m, dA + dB, dZ w1 w2 (M - m)] as five (N, C)
@@ -319,10 +320,11 @@ def _plane_grads(S, M, m, w1, b1, w2, b2, q0, q1, part, NC, c_ok):
 
 @triton.jit
 def _sum_over_n(plane_ptr, N, C, c, c_ok, n0, ACC: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Per channel c, the sum over n of one (N, C) plane of partials, in a fixed order."""
+    """Per channel c, the sum over n of one (N, C) plane of partials, in a fixed order (n
+    in int64: n * C may pass 2**31)."""
     total = tl.zeros(c.shape, ACC)
     for start in range(0, N, BLOCK_N):
-        n = start + n0
+        n = (start + n0).to(tl.int64)
         mask = (n < N)[:, None] & c_ok[None, :]
         total += tl.sum(tl.load(plane_ptr + n[:, None] * C + c[None, :], mask=mask, other=0),
                         axis=0)
@@ -443,28 +445,32 @@ def _bn_finalize_kernel(
     equal counts) and biased variance M2 / (N HW), with M2 = sum over n of the planes' M2
     plus HW (mean_n - mean)^2 (Chan et al.), in a fixed order; with UPDATE the running
     statistics become (1 - momentum) r + momentum s (the variance unbiased: M2 / (N HW - 1)).
-    Otherwise the running statistics themselves. Stores mean and invstd = 1 / sqrt(var + eps)."""
+    Otherwise the running statistics themselves. Stores mean and invstd = 1 / sqrt(var + eps).
+    N HW and N C are formed in int64: the arguments are int32 where they fit, their products
+    need not."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     if TRAINING:
         n0 = tl.arange(0, BLOCK_N)
         mean = _sum_over_n(part_ptr, N, C, c, c_ok, n0, ACC, BLOCK_N) / N
         M2 = tl.zeros([BLOCK_C], ACC)
+        planes = tl.cast(N, tl.int64) * C
         for start in range(0, N, BLOCK_N):
-            n = start + n0
+            n = (start + n0).to(tl.int64)
             mask = (n < N)[:, None] & c_ok[None, :]
             at = n[:, None] * C + c[None, :]
             dev = tl.where(mask, tl.load(part_ptr + at, mask=mask, other=0) - mean[None, :], 0.0)
-            M2 += tl.sum(tl.load(part_ptr + N * C + at, mask=mask, other=0) + HW * dev * dev,
+            M2 += tl.sum(tl.load(part_ptr + planes + at, mask=mask, other=0) + HW * dev * dev,
                          axis=0)
-        var = M2 / (N * HW)
+        count = tl.cast(N, tl.int64) * HW
+        var = M2 / count
         if UPDATE:
             r_mean = tl.load(running_mean_ptr + c, mask=c_ok, other=0).to(ACC)
             r_var = tl.load(running_var_ptr + c, mask=c_ok, other=0).to(ACC)
             tl.store(running_mean_ptr + c, ((1 - momentum) * r_mean + momentum * mean).to(
                 running_mean_ptr.dtype.element_ty), mask=c_ok)
             tl.store(running_var_ptr + c, ((1 - momentum) * r_var + momentum * M2
-                                           / (N * HW - 1)).to(running_var_ptr.dtype.element_ty),
+                                           / (count - 1)).to(running_var_ptr.dtype.element_ty),
                      mask=c_ok)
     else:
         mean = tl.load(running_mean_ptr + c, mask=c_ok, other=0).to(ACC)
@@ -565,6 +571,7 @@ def _bn_bwd_write_kernel(
         G = _masked_grad(g_base, o_base, hw, W, sg_h, sg_w, so_h, so_w, mask, RELU, FLAT, ACC)
         dev = _load_tile(y_base, hw, W, sy_h, sy_w, mask, FLAT, ACC) - mean[:, None]
         dx = _input_grad(G, g, dM, dm, i_max, i_min, hw)
-        _store_tile(d_base, hw, W, sd_h, sd_w, mask, alpha[:, None] * (dx - k2 - dev * k3), FLAT)
+        dev_k3 = tl.where(k3 == 0, 0.0, dev * k3)  # eval adds nothing, an infinite y included
+        _store_tile(d_base, hw, W, sd_h, sd_w, mask, alpha[:, None] * (dx - k2 - dev_k3), FLAT)
         if WRITE_DRES:
             _store_tile(dr_base, hw, W, sdr_h, sdr_w, mask, G, FLAT)
