@@ -27,6 +27,7 @@ Timers: spem_kernels.timing; cases: spem_kernels.cases.
 """
 import argparse
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -36,6 +37,7 @@ import shlex
 import sys
 import time
 from itertools import product
+from pathlib import Path
 from textwrap import shorten
 
 import torch
@@ -47,6 +49,12 @@ from spem_kernels.timing import (OthersCpu, copy_bandwidth, synchronize, time_ca
                                  time_interleaved, time_replays)
 
 from . import model_bench, plot
+
+# scripts/cuda_resources.py by its path (scripts/ is not a package).
+_spec = importlib.util.spec_from_file_location(
+    "cuda_resources", Path(__file__).resolve().parents[1] / "scripts" / "cuda_resources.py")
+cuda_resources = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cuda_resources)
 
 # Targets. Model: fused / plain step time at the batch below, per mode (GPU: fp32 and bf16;
 # CPU: eager mode, fp32). Op, every row of a fused backend, every device: no slower than the
@@ -125,6 +133,9 @@ def parse_args(argv):
                              "the median round is kept")
     parser.add_argument("--no-model", action="store_true", help="skip the model rows")
     parser.add_argument("--no-ops", action="store_true", help="skip the op rows")
+    parser.add_argument("--no-cuda-resources", action="store_true",
+                        help="skip the CUDA kernels' resource table (printed where a CUDA "
+                             "toolkit is found: nvcc compiles for sm_80 and sm_90, ~1 min)")
     parser.add_argument("--model-variants", default=",".join(MODEL_VARIANTS),
                         help="subset of " + ",".join(MODEL_VARIANTS))
     parser.add_argument("--model-batch", type=int, help=_per_device("model_batch"))
@@ -648,6 +659,20 @@ def model_heading(model_rows):
             f"for the backward of one forward (storages counted once)")
 
 
+def cuda_resource_rows():
+    """Every CUDA kernel's registers, spills, shared memory and occupancy for sm_80 and sm_90
+    where a CUDA toolkit is found (none: an empty list); compiled here, no GPU needed."""
+    if cuda_resources.find_nvcc() is None:
+        print("  no CUDA toolkit: no CUDA kernel resource table", file=sys.stderr)
+        return []
+    print("  CUDA kernel resources (nvcc, sm_80 and sm_90) ...", file=sys.stderr, flush=True)
+    try:
+        return [row for arch in (80, 90) for row in cuda_resources.report(arch)]
+    except RuntimeError as e:  # a toolkit that cannot compile: the report stands without it
+        print(f"  {e}", file=sys.stderr)
+        return []
+
+
 def save(result, stem):
     with open(stem + ".json", "w") as f:
         json.dump(result, f, indent=1)
@@ -690,11 +715,18 @@ def main(argv=None):
     meta["others_cpus"] = run_others.cpus()
     meta["cut_short"] = a.cut_short
     result["summary"] = summarize(meta, result["ops"], result["model"])
+    start = time.perf_counter()
+    result["cuda_resources"] = [] if a.no_cuda_resources else cuda_resource_rows()
+    seconds["cuda resources"] = time.perf_counter() - start
     seconds["total"] = time.perf_counter() - started
     save(result, stem)
     plot.write(result, stem + ".png")
     print(f"wrote {stem}.json and {stem}.png\n")
     print(table(result))
+    if result["cuda_resources"]:
+        print("\nCUDA kernels (ptxas, scripts/cuda_resources.py): registers, spilled bytes, "
+              "stack, static shared memory, occupancy")
+        print(cuda_resources.format_rows(result["cuda_resources"]))
 
 
 if __name__ == "__main__":

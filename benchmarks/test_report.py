@@ -36,7 +36,8 @@ def test_report_writes_json_png_and_table(tmp_path, monkeypatch, capsys, one_thr
     monkeypatch.setattr(model_bench, "run",
                         lambda args, *_, **__: model_bench.main(list(map(str, args))))
     impls = ["eager"] + compiled_backends("cpu")
-    report.main(["--device", "cpu", "--quick", "--ops", "spem", "--stages", "stage3",
+    report.main(["--device", "cpu", "--no-cuda-resources", "--quick", "--ops", "spem",
+                 "--stages", "stage3",
                  "--dtypes", "float32", "--layouts", "nchw", "--impls", ",".join(impls),
                  "--batch", "2",
                  "--min-time", "0.01", "--model-depth", "11", "--model-batch", "2",
@@ -84,7 +85,8 @@ def test_report_spem_bn_rows_have_their_targets(tmp_path, capsys, one_thread):
     torch.compile: minutes on a busy CI machine), a fused row's target its three checks."""
     fused = compiled_backends("cpu")
     impls = ["eager", "plain"] + fused
-    report.main(["--device", "cpu", "--no-model", "--ops", "spem_bn", "--stages", "stage3",
+    report.main(["--device", "cpu", "--no-cuda-resources", "--no-model", "--ops", "spem_bn",
+                 "--stages", "stage3",
                  "--dtypes", "float32", "--layouts", "nchw", "--impls", ",".join(impls),
                  "--batch", "2", "--min-time", "0.01", "--out-dir", str(tmp_path)])
     out = capsys.readouterr().out
@@ -160,7 +162,8 @@ def test_each_spem_bn_row_times_what_it_names(impl, direction):
 def test_time_budget_ends_with_what_was_measured(tmp_path, capsys, one_thread):
     """--time-budget: what cannot be measured in time is left out, and the report still
     writes its JSON, plot and table, saying it was cut short."""
-    report.main(["--device", "cpu", "--stages", "in7,stage3", "--dtypes", "float32",
+    report.main(["--device", "cpu", "--no-cuda-resources", "--stages", "in7,stage3",
+                 "--dtypes", "float32",
                  "--layouts", "nchw", "--impls", "eager", "--batch", "1", "--min-time", "0.01",
                  "--model-depth", "11", "--model-batch", "2", "--time-budget", "0",
                  "--tag", "budget", "--out-dir", str(tmp_path)])

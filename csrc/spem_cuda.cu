@@ -62,8 +62,8 @@ struct alignas(sizeof(T) * VEC) Pack {
 // count in int64 (q), so that q + step cannot overflow near the end of a plane of 2^31 - 1.
 __device__ __forceinline__ int64_t pos_offset(const Strides& s, int32_t p, int32_t W, bool flat) {
   if (flat) return p * s.w;
-  const int32_t h = p / W;
-  return h * s.h + (p - h * W) * s.w;
+  const uint32_t h = uint32_t(p) / uint32_t(W);  // unsigned: the cheaper division
+  return int64_t(h) * s.h + int64_t(uint32_t(p) - h * uint32_t(W)) * s.w;
 }
 
 __device__ __forceinline__ int64_t offset(const Strides& s, int64_t n, int64_t c, int32_t p,
@@ -156,19 +156,25 @@ __device__ V tile_reduce(V (&v)[VEC], V* shared /* [kWarps][LC * VEC] */) {
 }
 
 // What a thread of a planes kernel works on: a group of `group` threads per plane (n, c);
-// `lane` is its place in the group. Past the last plane it is not `active` (but still joins
-// the block's barriers).
+// `lane` is its place in the group. A block owns kThreads / group consecutive channels of
+// one sample, so that a thread finds its plane with a 32-bit division (64-bit ones are
+// subroutine calls, which spill); past the sample's last channel it is not `active` (but
+// still joins the block's barriers). The grid: pass_blocks.
 struct PlaneTask {
   int lane;
   int64_t plane, n, c;
   bool active;
 };
 
-__device__ __forceinline__ PlaneTask plane_task(int64_t N, int64_t C, int group) {
-  const int64_t plane = int64_t(blockIdx.x) * (kThreads / group) + threadIdx.x / group;
-  const bool active = plane < N * C;
-  return {int(threadIdx.x % group), plane, active ? plane / C : 0, active ? plane % C : 0,
-          active};
+__device__ __forceinline__ PlaneTask plane_task(int64_t C, int group) {
+  const int per_block = kThreads / group, shift = __ffs(per_block) - 1;  // a power of two
+  // fits 32 bits: there are at least as many blocks (bindings' check_grid)
+  const unsigned blocks_per_sample = unsigned((C + per_block - 1) >> shift);
+  const unsigned n = blockIdx.x / blocks_per_sample;
+  const unsigned lane = threadIdx.x & unsigned(group - 1), slot = threadIdx.x >> (__ffs(group) - 1);
+  const int64_t c = (int64_t(blockIdx.x - n * blocks_per_sample) << shift) + slot;
+  const bool active = c < C;
+  return {int(lane), int64_t(n) * C + c, n, active ? c : 0, active};
 }
 
 // What a thread of a channels kernel works on: a block per tile of LC * VEC channels from c0
@@ -183,8 +189,9 @@ struct TileTask {
 template <int LC, int VEC>
 __device__ __forceinline__ TileTask tile_task(int64_t C) {
   constexpr int kTile = LC * VEC;
-  const int64_t tiles = (C + kTile - 1) / kTile;
-  const int64_t n = blockIdx.x / tiles, c0 = blockIdx.x % tiles * kTile;
+  const unsigned tiles = unsigned((C + kTile - 1) / kTile);  // no more than blocks
+  const unsigned n = blockIdx.x / tiles;
+  const int64_t c0 = int64_t(blockIdx.x - n * tiles) * kTile;
   const int lc = threadIdx.x % LC;
   return {n, c0, lc, int(threadIdx.x / LC), c0 + lc * VEC};
 }
@@ -233,7 +240,8 @@ __device__ __forceinline__ void write_out(const ForwardArgs<T, Acc>& a, const Ac
 template <typename T, typename Acc, int VEC>
 __global__ void __launch_bounds__(kThreads)
     forward_planes(const ForwardArgs<T, Acc> a, int group, bool flat) {
-  const auto [lane, plane, n, c, active] = plane_task(a.N, a.C, group);
+  flat |= VEC > 1;  // vector loads run on flat planes only (choose_layout): no division
+  const auto [lane, plane, n, c, active] = plane_task(a.C, group);
   const int32_t W = a.W;
   const int64_t HW = a.H * a.W, step = group * VEC;
   Acc alpha[VEC], beta[VEC];
@@ -376,7 +384,8 @@ __device__ __forceinline__ void write_input_grads(const BackwardArgs<T, Acc>& a,
 template <typename T, typename Acc, int VEC>
 __global__ void __launch_bounds__(kThreads)
     backward_planes(const BackwardArgs<T, Acc> a, int group, bool flat) {
-  const auto [lane, plane, n, c, active] = plane_task(a.N, a.C, group);
+  flat |= VEC > 1;  // vector loads run on flat planes only (choose_layout): no division
+  const auto [lane, plane, n, c, active] = plane_task(a.C, group);
   const int32_t W = a.W;
   const int64_t HW = a.H * a.W, step = group * VEC;
   Acc S = 0;
@@ -492,10 +501,10 @@ __global__ void __launch_bounds__(kThreads) param_grads(const BackwardArgs<T, Ac
   const int64_t sums = a.mean != nullptr ? 6 : 4;
   if (blockIdx.x < sums * channel_blocks) {
     __shared__ Acc rows[kSumRows][kSumChannels];
-    const int64_t which = blockIdx.x / channel_blocks;
+    const unsigned which = blockIdx.x / unsigned(channel_blocks);
     const int64_t plane = which < 4 ? which : which + 1;  // plane 4 is p's, summed below
     const int lane = threadIdx.x % kSumChannels, row = threadIdx.x / kSumChannels;
-    const int64_t c = blockIdx.x % channel_blocks * kSumChannels + lane;
+    const int64_t c = int64_t(blockIdx.x - which * unsigned(channel_blocks)) * kSumChannels + lane;
     const Acc* part = a.partials + plane * NC;
     Acc s = 0;
     if (c < a.C)
@@ -527,7 +536,8 @@ __global__ void __launch_bounds__(kThreads) param_grads(const BackwardArgs<T, Ac
 template <typename T, typename Acc, int VEC>
 __global__ void __launch_bounds__(kThreads)
     bn_stats_planes(const BnStatsArgs<T, Acc> a, int group, bool flat) {
-  const auto [lane, plane, n, c, active] = plane_task(a.N, a.C, group);
+  flat |= VEC > 1;  // vector loads run on flat planes only (choose_layout): no division
+  const auto [lane, plane, n, c, active] = plane_task(a.C, group);
   const int32_t W = a.W;
   const int64_t HW = a.H * a.W, step = group * VEC;
   Acc sum = 0;
@@ -631,7 +641,8 @@ __device__ void bn_plane_backward(const BackwardArgs<T, Acc>& a, int64_t n, int6
 template <typename T, typename Acc, int VEC>
 __global__ void __launch_bounds__(kThreads)
     bn_reduce_planes(const BackwardArgs<T, Acc> a, int group, bool flat) {
-  const auto [lane, plane, n, c, active] = plane_task(a.N, a.C, group);
+  flat |= VEC > 1;  // vector loads run on flat planes only (choose_layout): no division
+  const auto [lane, plane, n, c, active] = plane_task(a.C, group);
   const int32_t W = a.W;
   const int64_t HW = a.H * a.W, step = group * VEC;
   const Acc mean = a.mean[c];
@@ -708,7 +719,8 @@ __device__ __forceinline__ void write_bn_input_grads(
 template <typename T, typename Acc, int VEC>
 __global__ void __launch_bounds__(kThreads)
     bn_write_planes(const BackwardArgs<T, Acc> a, int group, bool flat) {
-  const auto [lane, plane, n, c, active] = plane_task(a.N, a.C, group);
+  flat |= VEC > 1;  // vector loads run on flat planes only (choose_layout): no division
+  const auto [lane, plane, n, c, active] = plane_task(a.C, group);
   if (!active) return;  // no barrier follows
   const int32_t W = a.W;
   const int64_t HW = a.H * a.W, step = group * VEC;
@@ -801,8 +813,9 @@ int plane_group(int64_t HW, int vec) {
 // Whether x's layout has the channels kernels run (channels innermost).
 bool by_channel(const Strides& sx, int64_t C) { return sx.c == 1 && C > 1; }
 
-// The blocks of a pass over N x C planes of H x W: one per kThreads / group planes (planes
-// kernels), or per tile of lanes * vec channels of one sample (channels kernels).
+// The blocks of a pass over N x C planes of H x W: one per kThreads / group channels of one
+// sample (planes kernels), or per tile of lanes * vec channels of one sample (channels
+// kernels).
 int64_t pass_blocks(bool channels, int vec, int lanes, int64_t N, int64_t C, int64_t H,
                     int64_t W) {
   if (channels) {
@@ -810,7 +823,7 @@ int64_t pass_blocks(bool channels, int vec, int lanes, int64_t N, int64_t C, int
     return N * ((C + tile - 1) / tile);
   }
   const int64_t planes_per_block = kThreads / plane_group(H * W, vec);
-  return (N * C + planes_per_block - 1) / planes_per_block;
+  return N * ((C + planes_per_block - 1) / planes_per_block);  // as plane_task takes them
 }
 
 // param_grads: `sums` per-channel sums of kSumChannels channels a block, and p's block.

@@ -10,18 +10,21 @@ A path is an object with
 with `tensors` as fuzz_cases builds them (inputs in their own layouts, never copied) and a
 Result of the output, every input's gradient (None for a path that has no backward) and the
 running statistics after the call. Three kinds:
-- OpPath: the public ops (spem, spem_bn) with a backend, autograd included;
+- OpPath: the public ops (spem, spem_bn) with a backend, autograd included; and the same
+  through the CUDA kernels executed on the CPU (tests/cuda_emulation), their C++ autograd op;
 - KernelOpsPath: a torch.ops library with torch.ops.spem_native's signatures, its
   forward and backward ops called as ops.py calls a backend (backends/contract.py): the
   native library here; a library of the same ops built another way is one more entry;
 - ExportPath: export.py's standard-op compositions (what an ONNX graph holds), forward only.
 """
+import functools
 import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+import cuda_emulation
 from op_checks import leaves
 from spem_kernels import export, spem, spem_bn
 from spem_kernels.backends import unavailable_reason
@@ -45,17 +48,25 @@ def _clone(t):
 
 
 class OpPath:
-    """spem / spem_bn with backend=`backend`, differentiated by autograd."""
+    """spem / spem_bn with backend=`backend`, differentiated by autograd (or, with
+    `emulated`, the CUDA emulation's differentiable ops)."""
 
-    def __init__(self, backend, max_elements=None, rounding=1):
+    def __init__(self, backend, max_elements=None, rounding=1, emulated=False):
         self.backend, self.max_elements, self.rounding = backend, max_elements, rounding
+        self.emulated = emulated
+        self._spem, self._spem_bn = ((cuda_emulation.spem, cuda_emulation.spem_bn) if emulated
+                                     else (functools.partial(spem, backend=backend),
+                                           functools.partial(spem_bn, backend=backend)))
 
     def unavailable(self):
+        if self.emulated:
+            cuda_emulation.set_schedule(cuda_emulation.SEED)  # builds it on first use
+            return None
         return unavailable_reason(self.backend, torch.device("cpu"))
 
     def spem(self, tensors, grad_out, relu):
         t = leaves(tensors)
-        out = spem(*t[:6], t[6], relu=relu, backend=self.backend)
+        out = self._spem(*t[:6], t[6], relu=relu)
         out.backward(grad_out)
         return Result(out.detach(), {n: v.grad if v is not None else None
                                      for n, v in zip(SPEM_INPUTS, t)})
@@ -64,8 +75,8 @@ class OpPath:
         y, rm, rv, *rest = tensors
         rm, rv = _clone(rm), _clone(rv)
         t = leaves([y, *rest])
-        out = spem_bn(t[0], rm, rv, *t[1:8], t[8], training=training, momentum=momentum,
-                      eps=eps, relu=relu, backend=self.backend)
+        out = self._spem_bn(t[0], rm, rv, *t[1:8], t[8], training=training,
+                            momentum=momentum, eps=eps, relu=relu)
         out.backward(grad_out)
         return Result(out.detach(), {n: v.grad if v is not None else None
                                      for n, v in zip(BN_GRADS, t)}, (rm, rv))
@@ -148,4 +159,5 @@ PATHS = {
     "native-kernels": KernelOpsPath("spem_native", _native_library),
     "triton": OpPath("triton", max_elements=TRITON_MAX_ELEMENTS, rounding=_TRITON_ROUNDING),
     "onnx-composition": ExportPath(),
+    "cuda-emulated": OpPath(None, emulated=True),
 }

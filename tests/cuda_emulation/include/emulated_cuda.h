@@ -107,6 +107,9 @@ std::tuple<std::decay_t<P>...> copy_arguments(void** args, std::index_sequence<I
 
 void __syncthreads();
 
+// The position of the least significant set bit, from 1 (0 for none), as CUDA's.
+inline int __ffs(int x) { return __builtin_ffs(x); }
+
 template <typename T>
 T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = 32) {
   static_assert(std::is_trivially_copyable<T>::value && sizeof(T) <= 8,
