@@ -122,7 +122,8 @@ def bn_launches(shape, dtype, channels_last, relu, residual):
             ("fwd", tk._spem_fwd_kernel, *tb.fwd_launch(y, res, out, *params, stats, idx, relu,
                                                          bn=(mean, invstd, weight, bias))[1:])]
     reduce, write = tb.bn_bwd_launches(grad, y, out, dy, dres, *params, stats, idx, mean, invstd,
-                                       weight, bias, part, coef, relu, residual and relu)
+                                       weight, bias, part, coef, True, relu,
+                                       residual and relu)
     grads = tb.grads_launch(part, params[4], *param_grads,
                             bn=(invstd, dweight, dbias, coef, y.numel() // C, True))
     return rows + [("bn_reduce", tk._bn_bwd_reduce_kernel, *reduce[1:]),

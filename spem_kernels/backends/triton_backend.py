@@ -162,7 +162,7 @@ def bn_finalize_launch(y, part, running_mean, running_var, mean, invstd, trainin
 
 
 def bn_bwd_launches(grad, y, out, dy, dres, w1, b1, w2, b2, p, stats, idx, mean, invstd,
-                    weight, bias, part, coef, relu, write_dres):
+                    weight, bias, part, coef, training, relu, write_dres):
     """(grid, args, meta) of spem_bn's two backward passes over the planes: the reduction
     (G, y -> partials) and the writing pass (-> dy, dresidual)."""
     N, C, H, W = y.shape
@@ -182,8 +182,8 @@ def bn_bwd_launches(grad, y, out, dy, dres, w1, b1, w2, b2, p, stats, idx, mean,
     write_args = (grad, y, o, dy, dr, idx, mean, invstd, weight_, bias_, part, coef, C, W,
                   H * W, N * C, num_c_blocks, *grad.stride(), *y.stride(), *o.stride(),
                   *dy.stride(), *dr.stride())
-    write_meta = dict(common, WRITE_DRES=write_dres, FLAT=_planes_are_flat(grad, y, o, dy, dr),
-                      WIDE=_wide(grad, y, o, dy, dr))
+    write_meta = dict(common, WRITE_DRES=write_dres, TRAINING=training,
+                      FLAT=_planes_are_flat(grad, y, o, dy, dr), WIDE=_wide(grad, y, o, dy, dr))
     return (grid, reduce_args, reduce_meta), (grid, write_args, write_meta)
 
 
@@ -344,7 +344,7 @@ def bn_backward(grad, y, out, stats, idx, mean, invstd, weight, bias, w1, b1, w2
         if count > 0:
             reduce_launch, write_launch = bn_bwd_launches(
                 grad, y, out, dy, dres, *params, stats, idx, mean, invstd, weight, bias, part,
-                coef, relu, write_dres)
+                coef, training, relu, write_dres)
             _bn_reduce_kernel(*reduce_launch, y.device)
         _grads_kernel(*grads_launch(part, params[4], *param_grads,
                                     bn=(invstd, dweight, dbias, coef, count, training)), y.device)

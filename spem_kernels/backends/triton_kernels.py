@@ -546,12 +546,13 @@ def _bn_bwd_write_kernel(
     sd_n, sd_c, sd_h, sd_w, sdr_n, sdr_c, sdr_h, sdr_w,
     RELU: tl.constexpr, WRITE_DRES: tl.constexpr, ACC: tl.constexpr, FLAT: tl.constexpr,
     WIDE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, TRAINING: tl.constexpr,
 ):
     """spem_bn's backward, second pass (reads G, y; writes dy, dresidual): with dx = G g
     (+ dM, dm at the extremes) the gradient reaching BatchNorm's output,
-    dy = alpha (dx - k2 - (y - mean) k3), alpha = weight invstd, k2 and k3 per channel
-    from _spem_param_grads_kernel; dresidual = G."""
+    dy = alpha (dx - k2 - (y - mean) k3) in training, alpha = weight invstd, k2 and k3 per
+    channel from _spem_param_grads_kernel; dy = alpha dx in eval (the statistics are
+    constants: y is not read, so an infinite y adds nothing); dresidual = G."""
     n, c, hw0 = _program_channels(num_c_blocks, BLOCK_C, BLOCK_HW, WIDE)
     c_ok = c < C
     g_base, y_base, o_base, d_base, dr_base, i_max, i_min = _writing_pass_planes(
@@ -559,8 +560,9 @@ def _bn_bwd_write_kernel(
         sg_n, sg_c, sy_n, sy_c, so_n, so_c, sd_n, sd_c, sdr_n, sdr_c)
     alpha, _, mean, _ = _bn_affine(mean_ptr, invstd_ptr, weight_ptr, bias_ptr, c, c_ok,
                                    HAS_WEIGHT, HAS_BIAS, ACC)
-    k2 = tl.load(coef_ptr + c, mask=c_ok, other=0)[:, None]
-    k3 = tl.load(coef_ptr + C + c, mask=c_ok, other=0)[:, None]
+    if TRAINING:
+        k2 = tl.load(coef_ptr + c, mask=c_ok, other=0)[:, None]
+        k3 = tl.load(coef_ptr + C + c, mask=c_ok, other=0)[:, None]
     part = part_ptr + n * C + c
     g = tl.load(part + 7 * NC, mask=c_ok, other=0)
     dM = tl.load(part + 8 * NC, mask=c_ok, other=0)
@@ -569,9 +571,10 @@ def _bn_bwd_write_kernel(
         hw = start + hw0
         mask = c_ok[:, None] & (hw < HW)[None, :]
         G = _masked_grad(g_base, o_base, hw, W, sg_h, sg_w, so_h, so_w, mask, RELU, FLAT, ACC)
-        dev = _load_tile(y_base, hw, W, sy_h, sy_w, mask, FLAT, ACC) - mean[:, None]
         dx = _input_grad(G, g, dM, dm, i_max, i_min, hw)
-        dev_k3 = tl.where(k3 == 0, 0.0, dev * k3)  # eval adds nothing, an infinite y included
-        _store_tile(d_base, hw, W, sd_h, sd_w, mask, alpha[:, None] * (dx - k2 - dev_k3), FLAT)
+        if TRAINING:
+            dev = _load_tile(y_base, hw, W, sy_h, sy_w, mask, FLAT, ACC) - mean[:, None]
+            dx = dx - k2 - dev * k3
+        _store_tile(d_base, hw, W, sd_h, sd_w, mask, alpha[:, None] * dx, FLAT)
         if WRITE_DRES:
             _store_tile(dr_base, hw, W, sdr_h, sdr_w, mask, G, FLAT)
