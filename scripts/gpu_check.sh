@@ -15,6 +15,12 @@
 #   build      the native CUDA build, in the background (about 40 s on an H200)
 #   triton     meanwhile, the Triton op tests (spem, spem_bn) on CUDA tensors (they need no
 #              native build)
+#   sanitizer  compute-sanitizer's memcheck, racecheck and synccheck over a small matrix of
+#              both ops on both GPU backends (scripts/sanitizer_cases.py), where the tool is
+#              found: on the PATH, in the CUDA toolkit, in an installed
+#              nvidia-cuda-sanitizer-api package, or as that package's wheel in .gpu_tools/
+#              (scripts/fetch_gpu_tools.sh fetches it where PyPI is reachable; carry the
+#              folder to a GPU machine that has no PyPI); summary.txt says where none is
 #   report     ResNet-164 training steps (plain, fused SPEM, fused SPEM+BN; eager and
 #              CUDA-graphed; fp32 and bf16 + channels_last; with activation memory), then the
 #              op rows (eager and fused, from Python and GPU-only): <out>/<gpu>.json and .png
@@ -103,16 +109,51 @@ wait "$build_pid"
 record build $? $((SECONDS - build_start))
 tail -n 2 "$OUT_DIR/build.log"
 
+# compute-sanitizer's path, or nothing (see the header: where it is looked for).
+find_sanitizer() {
+  local major wheel dir
+  command -v compute-sanitizer && return
+  [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" ] &&
+    { echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer"; return; }
+  "$PY" -c "import glob, os, nvidia
+print(next(iter(glob.glob(os.path.join(list(nvidia.__path__)[0], '*', 'bin', 'compute-sanitizer'))), ''))" \
+    2>/dev/null | grep . && return
+  major=$("$PY" -c "import torch; print((torch.version.cuda or '0').split('.')[0])")
+  wheel=$(ls .gpu_tools/nvidia_cuda_sanitizer_api*-"$major".*.whl 2>/dev/null | head -n 1)
+  [ -n "$wheel" ] || return 0
+  dir=$(mktemp -d)
+  "$PY" -m zipfile -e "$wheel" "$dir" && find "$dir" -path "*/bin/*" -exec chmod +x {} + &&
+    find "$dir" -name compute-sanitizer -path "*/bin/*" | head -n 1
+}
+
+if [ "$DEVICE" = cuda ]; then
+  SANITIZER=$(find_sanitizer)
+  if [ -n "$SANITIZER" ]; then
+    echo "compute-sanitizer: $SANITIZER" >>"$OUT_DIR/env.txt"
+    for tool_cap in memcheck:40 racecheck:30 synccheck:20; do
+      step "sanitizer-${tool_cap%%:*}" "${tool_cap##*:}" "$SANITIZER" --tool "${tool_cap%%:*}" \
+        --error-exitcode 9 "$PY" scripts/sanitizer_cases.py
+    done
+  else
+    echo "sanitizer: not run, no compute-sanitizer (PATH, \$CUDA_HOME/bin, the" \
+      "nvidia-cuda-sanitizer-api package, .gpu_tools/: scripts/fetch_gpu_tools.sh)" |
+      tee -a "$OUT_DIR/summary.txt"
+  fi
+else
+  echo "sanitizer: skipped, no GPU (a dry run)" | tee -a "$OUT_DIR/summary.txt"
+fi
+
 FUSED=$("$PY" -c "from spem_kernels.backends import compiled_backends as b; print(*b('$DEVICE'), sep=',')")
 # The report's own --time-budget ends it with its plot and table 15 s before its step's limit.
-REPORT=("$PY" -m benchmarks.report --out-dir "$OUT_DIR" --min-time 0.05)
+# (the CUDA resource table needs no GPU: scripts/cuda_resources.py prints it anywhere)
+REPORT=("$PY" -m benchmarks.report --out-dir "$OUT_DIR" --min-time 0.05 --no-cuda-resources)
 if [ "$QUICK" -eq 1 ]; then
   step report 110 "${REPORT[@]}" --impls "eager,$FUSED" --model-variants plain,fused,fused-bn \
     --model-precisions fp32 --model-steps 3 --model-warmup 2 --model-rounds 2 \
     --dtypes float32 --time-budget $(( $(limit_for 110) - 15 ))
 else
-  step report 270 "${REPORT[@]}" --impls "eager,$FUSED" --model-variants plain,fused,fused-bn \
-    --model-steps 5 --model-warmup 3 --model-rounds 3 --time-budget $(( $(limit_for 270) - 15 ))
+  step report 240 "${REPORT[@]}" --impls "eager,$FUSED" --model-variants plain,fused,fused-bn \
+    --model-steps 5 --model-warmup 3 --model-rounds 3 --time-budget $(( $(limit_for 240) - 15 ))
 fi
 
 step tests 240 "${PYTEST[@]}" "${PARALLEL[@]}" tests/test_op.py tests/test_spem_bn.py \

@@ -97,11 +97,18 @@ def load():
     if not any(build_dir.glob(f"{LIBRARY}*.so")):
         print(f"building the CUDA emulation in {build_dir} (a minute or two, once)",
               file=sys.stderr, flush=True)
-    return jit_load(LIBRARY, [str(s) for s in _SOURCES], extra_cflags=_flags(sanitize),
-                    extra_ldflags=[f"-fsanitize={sanitize}"] if sanitize else [],
-                    extra_include_paths=[str(HERE / "include"), str(HERE), str(CSRC),
-                                         str(build_dir)],
-                    build_directory=str(build_dir), verbose=False)
+    # The compilers run without a preloaded sanitizer runtime (this process has it: the
+    # instrumented library needs it, a compiler would not survive it).
+    preload = os.environ.pop("LD_PRELOAD", None)
+    try:
+        return jit_load(LIBRARY, [str(s) for s in _SOURCES], extra_cflags=_flags(sanitize),
+                        extra_ldflags=[f"-fsanitize={sanitize}"] if sanitize else [],
+                        extra_include_paths=[str(HERE / "include"), str(HERE), str(CSRC),
+                                             str(build_dir)],
+                        build_directory=str(build_dir), verbose=False)
+    finally:
+        if preload is not None:
+            os.environ["LD_PRELOAD"] = preload
 
 
 def ops():

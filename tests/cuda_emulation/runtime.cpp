@@ -39,6 +39,7 @@
 extern "C" {
 void* __tsan_get_current_fiber();
 void* __tsan_create_fiber(unsigned flags);
+void __tsan_destroy_fiber(void* fiber);
 void __tsan_switch_to_fiber(void* fiber, unsigned flags);
 void __tsan_acquire(void* addr);
 void __tsan_release(void* addr);
@@ -262,7 +263,26 @@ struct Worker {
   std::vector<std::unique_ptr<Fiber>> fibers;
   void* scheduler_sp = nullptr;
   void* scheduler_tsan = nullptr;
+  int blocks_since_new_fibers = 0;
 };
+
+// TSAN keeps each fiber's history until the fiber ends: fibers that run block after block
+// would hold gigabytes. Under TSAN a worker gives its fibers new TSAN identities every
+// kTsanBlocksPerFiber blocks (an identity is a thread to TSAN: costly to make).
+constexpr int kTsanBlocksPerFiber = 16;
+
+void renew_tsan_fibers(Worker& worker) {
+#if SPEM_EMU_TSAN
+  if (++worker.blocks_since_new_fibers < kTsanBlocksPerFiber) return;
+  worker.blocks_since_new_fibers = 0;
+  for (auto& f : worker.fibers) {
+    __tsan_destroy_fiber(f->tsan);
+    f->tsan = __tsan_create_fiber(0);
+  }
+#else
+  (void)worker;
+#endif
+}
 
 thread_local Worker* t_worker = nullptr;
 thread_local Fiber* t_fiber = nullptr;
@@ -311,19 +331,29 @@ Fiber& pick_ready(BlockState& b);
 
 // From a fiber that has just waited (or exited, or failed): on to a random ready fiber of
 // its block, itself included, until it is picked again; to the worker's scheduler where
-// none is ready (the block ended, failed or is stuck) or the block failed.
-void yield_to_scheduler() {
+// none is ready (the block ended, failed or is stuck) or the block failed. `ending`: the
+// fiber leaves for good, and first closes the caller's Untracked (under TSAN a fiber that
+// stops with its accesses untracked is an error when it is destroyed).
+void yield_to_scheduler(bool ending = false) {
   Fiber& self = *t_fiber;
   BlockState& b = *self.block;
-  if (!b.error.empty() || b.ready.empty()) {
-    switch_to(&self.sp, t_worker->scheduler_sp, t_worker->scheduler_tsan);
-    return;
+  void* sp = t_worker->scheduler_sp;
+  void* tsan = t_worker->scheduler_tsan;
+  if (b.error.empty() && !b.ready.empty()) {
+    Fiber& next = pick_ready(b);
+    if (&next == &self) return;
+    t_fiber = &next;
+    current = &next.coords;
+    sp = next.sp;
+    tsan = next.tsan;
   }
-  Fiber& next = pick_ready(b);
-  if (&next == &self) return;
-  t_fiber = &next;
-  current = &next.coords;
-  switch_to(&self.sp, next.sp, next.tsan);
+#if SPEM_EMU_TSAN
+  if (ending) {
+    AnnotateIgnoreWritesEnd(__FILE__, __LINE__);
+    AnnotateIgnoreReadsEnd(__FILE__, __LINE__);
+  }
+#endif
+  switch_to(&self.sp, sp, tsan);
 }
 
 std::string where(const Fiber& f) {
@@ -374,7 +404,7 @@ extern "C" void spem_emu_fiber_entry() {
          " threads of its block wait at __syncthreads()");
   if (w.arrived > 0)
     fail("exited while " + std::to_string(w.arrived) + " lanes of its warp wait at a shuffle");
-  yield_to_scheduler();
+  yield_to_scheduler(/*ending=*/true);
   __builtin_unreachable();
 }
 
@@ -399,6 +429,7 @@ Fiber& pick_ready(BlockState& b) {
 
 // Runs one block to its end (or its first error) on the calling worker thread.
 void run_block(Worker& worker, BlockState& b) {
+  renew_tsan_fibers(worker);
   const dim3 bd = b.launch->block;
   b.threads = int(bd.x * bd.y * bd.z);
   b.warps.assign((b.threads + 31) / 32, WarpState{});
