@@ -26,6 +26,7 @@
 #include "spem_cpu_walk.h"
 #include "spem_math.h"
 #include "spem_op.h"
+#include "spem_op_entries.h"
 
 namespace spem_native {
 namespace {
@@ -125,7 +126,8 @@ void channel_sums(const View<const T>& y, int64_t n, int64_t c0, int64_t cb, int
       for (int64_t k = 0; k < full; ++k)
         sums[k] += group_map(k)(load<Acc, Unit>(row + k * kLanes * sc, sc));
       for (int64_t j = full * kLanes; j < cb; ++j)
-        sums[full][j % kLanes] += group_map(full).lane(j % kLanes)(static_cast<Acc>(row[j * sc]));
+        sums[full][j % kLanes] +=
+            group_map(full).lane(j % kLanes)(static_cast<Acc>(row[j * sc]));
     }
 }
 
@@ -173,23 +175,17 @@ void finalize_channels(const Acc* plane_mean, const Acc* plane_m2, int64_t N, in
 // The forward: BatchNorm's statistics, then SPEM's forward walk of x = y alpha + beta (Track:
 // storing the planes' stats and positions for the backward).
 template <bool Track>
-void bn_forward_cpu(const at::Tensor& y, const std::optional<at::Tensor>& running_mean,
-                    const std::optional<at::Tensor>& running_var,
-                    const std::optional<at::Tensor>& weight,
-                    const std::optional<at::Tensor>& bias, const at::Tensor& w1,
-                    const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
-                    const at::Tensor& p, const std::optional<at::Tensor>& residual,
-                    bool training, double momentum, double eps, bool relu, const at::Tensor& out,
-                    const at::Tensor& stats, const at::Tensor& idx, const at::Tensor& mean,
-                    const at::Tensor& invstd) {
+void bn_forward_cpu(const at::Tensor& y, const BnInputs& inputs, const ParamTensors& prm,
+                    const std::optional<at::Tensor>& residual, bool training, double momentum,
+                    double eps, bool relu, const at::Tensor& out, const at::Tensor& stats,
+                    const at::Tensor& idx, const at::Tensor& mean, const at::Tensor& invstd) {
   const int64_t N = y.size(0), C = y.size(1), HW = y.size(2) * y.size(3);
-  const auto acc = compute_dtype(y.scalar_type());
-  BnTensors bn = bn_tensors(running_mean, running_var, weight, bias, acc);
-  const ParamTensors prm = compute_params(w1, b1, w2, b2, p, acc);
+  BnTensors bn = bn_tensors(inputs, compute_dtype(y.scalar_type()));
   const bool by_channel = channel_major(y);
   const bool unit = unit_stride({y}, by_channel ? 1 : 3);
   at::Tensor alpha = at::empty({C}, mean.options()), beta = at::empty({C}, mean.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "spem_bn_moments", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "spem_bn_moments",
+                                  [&] {
     using T = scalar_t;
     using Acc = at::opmath_type<T>;
     std::vector<Acc> moments(training ? 2 * N * C : 0);
@@ -200,51 +196,15 @@ void bn_forward_cpu(const at::Tensor& y, const std::optional<at::Tensor>& runnin
         else
           moments_plane_major<T, Acc, U>(y, moments.data(), moments.data() + N * C);
       });
-    finalize_channels(moments.data(), moments.data() + N * C, N, C, HW, training, momentum,
-                      eps, bn, mean.data_ptr<Acc>(), invstd.data_ptr<Acc>(),
-                      alpha.data_ptr<Acc>(), beta.data_ptr<Acc>());
+    finalize_channels(moments.data(), moments.data() + N * C, N, C, HW, training, momentum, eps,
+                      bn, mean.data_ptr<Acc>(), invstd.data_ptr<Acc>(), alpha.data_ptr<Acc>(),
+                      beta.data_ptr<Acc>());
   });
   forward_walk<Track>(y, prm, residual, relu, out, stats, idx, [&](auto zero) {
     using Acc = decltype(zero);
     return BnNorm<Acc>{alpha.data_ptr<Acc>(), beta.data_ptr<Acc>()};
   });
   if (training) bn.finish();
-}
-
-BnForwardResult spem_bn_forward_cpu(const at::Tensor& y,
-                                    const std::optional<at::Tensor>& running_mean,
-                                    const std::optional<at::Tensor>& running_var,
-                                    const std::optional<at::Tensor>& weight,
-                                    const std::optional<at::Tensor>& bias, const at::Tensor& w1,
-                                    const at::Tensor& b1, const at::Tensor& w2,
-                                    const at::Tensor& b2, const at::Tensor& p,
-                                    const std::optional<at::Tensor>& residual, bool training,
-                                    double momentum, double eps, bool relu) {
-  check_bn_forward(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p, residual,
-                   training);
-  auto [out, stats, idx, mean, invstd] = allocate_bn_forward(y);
-  if (y.numel() == 0) return {out, stats, idx, mean.zero_(), invstd.zero_()};
-  bn_forward_cpu<true>(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p, residual,
-                       training, momentum, eps, relu, out, stats, idx, mean, invstd);
-  return {out, stats, idx, mean, invstd};
-}
-
-at::Tensor spem_bn_output_cpu(const at::Tensor& y, const std::optional<at::Tensor>& running_mean,
-                              const std::optional<at::Tensor>& running_var,
-                              const std::optional<at::Tensor>& weight,
-                              const std::optional<at::Tensor>& bias, const at::Tensor& w1,
-                              const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
-                              const at::Tensor& p, const std::optional<at::Tensor>& residual,
-                              bool training, double momentum, double eps, bool relu) {
-  check_bn_forward(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p, residual,
-                   training);
-  at::Tensor out = at::empty_like(y);
-  if (y.numel() == 0) return out;
-  const at::Tensor mean = at::empty({y.size(1)}, y.options().dtype(compute_dtype(y.scalar_type())));
-  bn_forward_cpu<false>(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p, residual,
-                        training, momentum, eps, relu, out, at::Tensor(), at::Tensor(), mean,
-                        at::empty_like(mean));
-  return out;
 }
 
 // --- backward ---
@@ -329,11 +289,10 @@ struct BnRowCoef {
     return {g[l], alpha[l], k2[l], k3[l], mean[l], ext.lane(l)};
   }
   // dy at position pos: dx = G g with the extremes' terms, then BatchNorm's backward
-  // alpha (dx - k2 - (y - mean) k3). k3 = 0 (eval) adds nothing, an infinite y included.
+  // (bn_input_grad).
   template <typename U, typename Q>
   U dy(U G, U y, Q pos) const {
-    const U dev_k3 = (y - mean) * k3;
-    return alpha * (ext.add(G * g, pos) - k2 - (k3 == U{} ? U{} : dev_k3));
+    return bn_input_grad(ext.add(G * g, pos), y, mean, alpha, k2, k3);
   }
 };
 
@@ -379,11 +338,12 @@ void reduce_plane_major(const std::vector<at::Tensor>& ts, const BnBackward<T, A
         SG[j] = SD[j] = Vec<Acc>{};
         const Vec<Acc> mu = Vec<Acc>{} + b.mean[at.c];
         for (int64_t row = 0; row < walk.rows; ++row)
-          bn_sums_row<Unit, Relu, false, T, Acc>(
-              v.grad.plane(at.n, at.c) + row * v.grad.sh, v.grad.sw,
-              v.out.plane(at.n, at.c) + row * v.out.sh, v.out.sw,
-              v.x.plane(at.n, at.c) + row * v.x.sh, v.x.sw, walk.len,
-              [&](int64_t) { return mu; }, SG + j, SD + j);
+          bn_sums_row<Unit, Relu, false, T, Acc>(v.grad.plane(at.n, at.c) + row * v.grad.sh,
+                                                 v.grad.sw,
+                                                 v.out.plane(at.n, at.c) + row * v.out.sh,
+                                                 v.out.sw, v.x.plane(at.n, at.c) + row * v.x.sh,
+                                                 v.x.sw, walk.len, [&](int64_t) { return mu; },
+                                                 SG + j, SD + j);
       }
       std::fill(SG + count, SG + kLanes, Vec<Acc>{});
       std::fill(SD + count, SD + kLanes, Vec<Acc>{});
@@ -407,15 +367,19 @@ void reduce_channel_major(const std::vector<at::Tensor>& ts, const BnBackward<T,
       const int64_t cb = std::min(block, C - c0), used = (cb + kLanes - 1) / kLanes;
       for (int64_t k = 0; k < used; ++k) {
         SG[k] = SD[k] = Vec<Acc>{};
-        mu[k] = channel_lanes(b.mean, c0 + k * kLanes, std::min<int64_t>(kLanes, cb - k * kLanes));
+        mu[k] =
+            channel_lanes(b.mean, c0 + k * kLanes, std::min<int64_t>(kLanes, cb - k * kLanes));
       }
       for (int64_t h = 0; h < H; ++h)
         for (int64_t w = 0; w < W; ++w)
-          bn_sums_row<Unit, Relu, true, T, Acc>(
-              v.grad.plane(n, c0) + h * v.grad.sh + w * v.grad.sw, v.grad.sc,
-              v.out.plane(n, c0) + h * v.out.sh + w * v.out.sw, v.out.sc,
-              v.x.plane(n, c0) + h * v.x.sh + w * v.x.sw, v.x.sc, cb,
-              [&](int64_t k) { return mu[k]; }, SG, SD);
+          bn_sums_row<Unit, Relu, true, T, Acc>(v.grad.plane(n, c0) + h * v.grad.sh +
+                                                    w * v.grad.sw,
+                                                v.grad.sc,
+                                                v.out.plane(n, c0) + h * v.out.sh + w * v.out.sw,
+                                                v.out.sc,
+                                                v.x.plane(n, c0) + h * v.x.sh + w * v.x.sw,
+                                                v.x.sc, cb, [&](int64_t k) { return mu[k]; }, SG,
+                                                SD);
       for (int64_t k = 0; k < used; ++k)
         b.plane_grads_of(SG[k], SD[k], n * C + c0 + k * kLanes,
                          static_cast<int>(std::min<int64_t>(kLanes, cb - k * kLanes)));
@@ -440,15 +404,18 @@ void write_plane_major(const std::vector<at::Tensor>& ts, const BnBackward<T, Ac
       const ChannelNorm<Acc> k = channel_norm(b.mean, b.invstd, b.weight, b.bias, c);
       const Acc* part = b.part + nc;
       const BnRowCoef<V, I> coef{
-          V{} + part[kBnGate * b.NC], V{} + k.alpha, V{} + k2[c], V{} + k3[c], V{} + k.mean,
+          V{} + part[kBnGate * b.NC],
+          V{} + k.alpha,
+          V{} + k2[c],
+          V{} + k3[c],
+          V{} + k.mean,
           {V{} + part[(kBnGate + 1) * b.NC], V{} + part[(kBnGate + 2) * b.NC],
            I{} + b.idx[2 * nc], I{} + b.idx[2 * nc + 1]}};
       for (int64_t row = 0; row < walk.rows; ++row)
         bn_input_grad_row<Unit, Relu, WriteDres, T, Acc>(
-            v.grad.plane(n, c) + row * v.grad.sh, v.grad.sw,
-            v.out.plane(n, c) + row * v.out.sh, v.out.sw, v.x.plane(n, c) + row * v.x.sh,
-            v.x.sw, v.dx.plane(n, c) + row * v.dx.sh, v.dx.sw,
-            v.dres.plane(n, c) + row * v.dres.sh, v.dres.sw, walk.len,
+            v.grad.plane(n, c) + row * v.grad.sh, v.grad.sw, v.out.plane(n, c) + row * v.out.sh,
+            v.out.sw, v.x.plane(n, c) + row * v.x.sh, v.x.sw, v.dx.plane(n, c) + row * v.dx.sh,
+            v.dx.sw, v.dres.plane(n, c) + row * v.dres.sh, v.dres.sw, walk.len,
             [&](int64_t) -> const BnRowCoef<V, I>& { return coef; },
             row_positions<Acc>(row * walk.len));
     }
@@ -496,94 +463,102 @@ void write_channel_major(const std::vector<at::Tensor>& ts, const BnBackward<T, 
   });
 }
 
-BnBackwardResult spem_bn_backward_cpu(const at::Tensor& grad, const at::Tensor& y,
-                                      const at::Tensor& out, const at::Tensor& stats,
-                                      const at::Tensor& idx, const at::Tensor& mean,
-                                      const at::Tensor& invstd,
-                                      const std::optional<at::Tensor>& weight,
-                                      const std::optional<at::Tensor>& bias,
-                                      const at::Tensor& w1, const at::Tensor& b1,
-                                      const at::Tensor& w2, const at::Tensor& b2,
-                                      const at::Tensor& p, bool training, bool relu,
-                                      bool write_dres) {
-  check_bn_backward(grad, y, out, stats, idx, mean, invstd, weight, bias, w1, b1, w2, b2, p);
-  auto [dy, dres] = allocate_input_grads(y, write_dres);
+// The CPU's kernels for spem_bn's ops (spem_op_entries.h).
+struct CpuSpemBn {
+  static NoDeviceGuard enter(const at::Tensor&) { return {}; }
+
+  static void bn_forward(const at::Tensor& y, const BnInputs& bn, const ParamTensors& prm,
+                         const std::optional<at::Tensor>& residual, bool training,
+                         double momentum, double eps, bool relu, const at::Tensor& out,
+                         const at::Tensor& stats, const at::Tensor& idx, const at::Tensor& mean,
+                         const at::Tensor& invstd) {
+    with_bool(stats.defined(), [&](auto Save) {
+      bn_forward_cpu<Save>(y, bn, prm, residual, training, momentum, eps, relu, out, stats, idx,
+                           mean, invstd);
+    });
+  }
+
+  static void bn_backward(const at::Tensor& grad, const at::Tensor& y, const at::Tensor& out,
+                          const at::Tensor& stats, const at::Tensor& idx, const at::Tensor& mean,
+                          const at::Tensor& invstd, bool training, bool relu, bool write_dres,
+                          BnBackwardSetup& s);
+};
+
+void CpuSpemBn::bn_backward(const at::Tensor& grad, const at::Tensor& y, const at::Tensor& out,
+                            const at::Tensor& stats, const at::Tensor& idx,
+                            const at::Tensor& mean, const at::Tensor& invstd, bool training,
+                            bool relu, bool write_dres, BnBackwardSetup& s) {
   const int64_t N = y.size(0), C = y.size(1), HW = y.size(2) * y.size(3);
-  const auto acc = compute_dtype(y.scalar_type());
-  const ParamTensors prm = compute_params(w1, b1, w2, b2, p, acc);
-  ParamGrads grads = allocate_param_grads({w1, b1, w2, b2, p}, acc);
-  BnParamGrads bn_grads = allocate_bn_param_grads(weight, bias, y, acc);
-  const BnTensors bn = bn_tensors(std::nullopt, std::nullopt, weight, bias, acc);
   const at::Tensor stats_c = stats.contiguous(), idx_c = idx.contiguous();
   const at::Tensor mean_c = mean.contiguous(), invstd_c = invstd.contiguous();
-  const at::Tensor& dr = write_dres ? dres : dy;  // written only when write_dres
-  const std::vector<at::Tensor> ts = {grad, y, out, dy, dr};
+  const at::Tensor& dr = write_dres ? s.dres : s.dx;  // written only when write_dres
+  const std::vector<at::Tensor> ts = {grad, y, out, s.dx, dr};
   const bool by_channel = channel_major(y);
   const bool unit = unit_stride(ts, by_channel ? 1 : 3);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "spem_bn_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(),
+                                  "spem_bn_backward_cpu", [&] {
     using T = scalar_t;
     using Acc = at::opmath_type<T>;
     const int64_t NC = N * C;
     std::vector<Acc> part(kBnPlanes * NC, Acc(0));
-    const BackwardViews<T> v{grad, y, out, dy, dr};
+    const BackwardViews<T> v{grad, y, out, s.dx, dr};
     const Acc* invstd_d = invstd_c.data_ptr<Acc>();
     std::vector<Acc> coef(2 * C);  // k2, k3
     with_bool(relu, [&](auto L) {
-      const BnBackward<T, Acc, L> b{v, mean_c.data_ptr<Acc>(), invstd_d,
-                                    data_or_null<Acc>(bn.weight), data_or_null<Acc>(bn.bias),
-                                    stats_c.data_ptr<Acc>(), idx_c.data_ptr<int32_t>(),
-                                    part.data(), params_of<Acc>(prm), NC, C, y.size(3)};
-      if (y.numel() > 0)
-        with_bool(unit, [&](auto U) {
-          if (by_channel)
-            reduce_channel_major<T, Acc, U, L>(ts, b);
-          else
-            reduce_plane_major<T, Acc, U, L>(ts, b);
-        });
+      const BnBackward<T, Acc, L> b{v,
+                                    mean_c.data_ptr<Acc>(),
+                                    invstd_d,
+                                    data_or_null<Acc>(s.bn.weight),
+                                    data_or_null<Acc>(s.bn.bias),
+                                    stats_c.data_ptr<Acc>(),
+                                    idx_c.data_ptr<int32_t>(),
+                                    part.data(),
+                                    params_of<Acc>(s.params),
+                                    NC,
+                                    C,
+                                    y.size(3)};
+      with_bool(unit, [&](auto U) {
+        if (by_channel)
+          reduce_channel_major<T, Acc, U, L>(ts, b);
+        else
+          reduce_plane_major<T, Acc, U, L>(ts, b);
+      });
       // Sums over n, in order of n: dw1, db1, dw2, db2, then dbias, dweight and k2, k3; D
       // over (n, c) for p's gradient.
-      Acc* const sums_out[4] = {grads.written[0].data_ptr<Acc>(), grads.written[1].data_ptr<Acc>(),
-                                grads.written[2].data_ptr<Acc>(), grads.written[3].data_ptr<Acc>()};
-      Acc* dweight_d = bn_grads.written_dweight.data_ptr<Acc>();
-      Acc* dbias_d = bn_grads.written_dbias.data_ptr<Acc>();
+      const ParamTensors& written = s.grads.written;
+      Acc* const sums_out[4] = {written[0].data_ptr<Acc>(), written[1].data_ptr<Acc>(),
+                                written[2].data_ptr<Acc>(), written[3].data_ptr<Acc>()};
+      Acc* dweight_d = s.bn_grads.written_dweight.data_ptr<Acc>();
+      Acc* dbias_d = s.bn_grads.written_dbias.data_ptr<Acc>();
       const Acc count = Acc(N) * Acc(HW);
-      std::vector<Acc> s(kBnPlanes * C, Acc(0));
+      std::vector<Acc> sums(kBnPlanes * C, Acc(0));
       for (int64_t n = 0; n < N; ++n)
         for (int j = 0; j <= kBnSumDxDev; ++j)
-          for (int64_t c = 0; c < C; ++c) s[j * C + c] += part[j * NC + n * C + c];
+          for (int64_t c = 0; c < C; ++c) sums[j * C + c] += part[j * NC + n * C + c];
       Acc D = 0;
       for (int64_t c = 0; c < C; ++c) {
-        for (int j = 0; j < 4; ++j) sums_out[j][c] = s[j * C + c];
-        D += s[4 * C + c];
-        dbias_d[c] = s[kBnSumDx * C + c];
-        dweight_d[c] = invstd_d[c] * s[kBnSumDxDev * C + c];
-        coef[c] = training ? s[kBnSumDx * C + c] / count : Acc(0);
-        coef[C + c] = training ? s[kBnSumDxDev * C + c] * invstd_d[c] * invstd_d[c] / count
-                               : Acc(0);
+        for (int j = 0; j < 4; ++j) sums_out[j][c] = sums[j * C + c];
+        D += sums[4 * C + c];
+        bn_bias_grads(sums[kBnSumDx * C + c], count, training, &dbias_d[c], &coef[c]);
+        bn_weight_grads(sums[kBnSumDxDev * C + c], invstd_d[c], count, training, &dweight_d[c],
+                        &coef[C + c]);
       }
-      p_gradient(prm[4].data_ptr<Acc>(), D, grads.written[4].data_ptr<Acc>());
-      if (y.numel() > 0)
-        with_bool(unit, [&](auto U) {
-          with_bool(write_dres, [&](auto R) {
-            if (by_channel)
-              write_channel_major<T, Acc, U, L, R>(ts, b, coef.data(), coef.data() + C);
-            else
-              write_plane_major<T, Acc, U, L, R>(ts, b, coef.data(), coef.data() + C);
-          });
+      p_gradient(s.params[4].data_ptr<Acc>(), D, written[4].data_ptr<Acc>());
+      with_bool(unit, [&](auto U) {
+        with_bool(write_dres, [&](auto R) {
+          if (by_channel)
+            write_channel_major<T, Acc, U, L, R>(ts, b, coef.data(), coef.data() + C);
+          else
+            write_plane_major<T, Acc, U, L, R>(ts, b, coef.data(), coef.data() + C);
         });
+      });
     });
   });
-  grads.finish();
-  bn_grads.finish();
-  const auto& [dw1, db1, dw2, db2, dp] = grads.result;
-  return {dy, dres, bn_grads.dweight, bn_grads.dbias, dw1, db1, dw2, db2, dp};
 }
 
 }  // namespace
 }  // namespace spem_native
 
 SPEM_TORCH_LIBRARY_IMPL(SPEM_LIBRARY, CPU, m) {
-  m.impl("spem_bn_forward", &spem_native::spem_bn_forward_cpu);
-  m.impl("spem_bn_output", &spem_native::spem_bn_output_cpu);
-  m.impl("spem_bn_backward", &spem_native::spem_bn_backward_cpu);
+  spem_native::register_spem_bn_ops<spem_native::CpuSpemBn>(m);
 }

@@ -14,7 +14,9 @@
 // per channel (sums over n): dbias = sum dx, dweight = invstd sum dx (y - mean) and, in
 // training (where mean and invstd depend on y),
 //   dy = alpha (dx - k2 - (y - mean) k3),  k2 = sum dx / count,  k3 = invstd^2 sum dx (y - mean) / count
-// with count = N H W; outside training k2 = k3 = 0.
+// with count = N H W; outside training k2 = k3 = 0 (bn_bias_grads, bn_weight_grads,
+// bn_input_grad below; the Triton kernels write the same expressions, and
+// tests/test_bn_math.py checks them against these).
 #pragma once
 
 #include "spem_math.h"
@@ -82,6 +84,31 @@ SPEM_HD void bn_plane_sums(const PlaneGrads<Acc>& pg, Acc SG, Acc SD, Acc dev_ma
                            Acc* sum_dx, Acc* sum_dx_dev) {
   *sum_dx = pg.g * SG + pg.dM + pg.dm;
   *sum_dx_dev = pg.g * SD + pg.dM * dev_max + pg.dm * dev_min;
+}
+
+// Channel c's gradients from its planes' sums (over n) of dx and of dx (y - mean): dbias and
+// the writing pass's k2 from the first, dweight and k3 from the second (k2 = k3 = 0 outside
+// training, where mean and invstd are constants); count = N H W.
+template <typename Acc>
+SPEM_HD void bn_bias_grads(Acc sum_dx, Acc count, bool training, Acc* dbias, Acc* k2) {
+  *dbias = sum_dx;
+  *k2 = training ? sum_dx / count : Acc(0);
+}
+
+template <typename Acc>
+SPEM_HD void bn_weight_grads(Acc sum_dx_dev, Acc invstd, Acc count, bool training, Acc* dweight,
+                             Acc* k3) {
+  *dweight = invstd * sum_dx_dev;
+  *k3 = training ? sum_dx_dev * invstd * invstd / count : Acc(0);
+}
+
+// dy from dx at one position: alpha (dx - k2 - (y - mean) k3). Where k3 = 0 (eval) the last
+// term is left out, so that an infinite y gives alpha dx, as the composition does. V: a
+// scalar, or (CPU) a vector of lanes.
+template <typename V>
+SPEM_HD V bn_input_grad(V dx, V y, V mean, V alpha, V k2, V k3) {
+  const V dev_k3 = (y - mean) * k3;
+  return alpha * (dx - k2 - (k3 == V{} ? V{} : dev_k3));
 }
 
 }  // namespace spem_native

@@ -22,6 +22,7 @@
 #include "spem_cpu_walk.h"
 #include "spem_math.h"
 #include "spem_op.h"
+#include "spem_op_entries.h"
 
 namespace spem_native {
 namespace {
@@ -71,7 +72,8 @@ struct PlaneBackward {
   ExtremeGrads<Vec<Acc>, IVec<Acc>> extremes(const PlaneGrads<Vec<Acc>>& pg, int64_t nc0,
                                              int count) const {
     ExtremeGrads<Vec<Acc>, IVec<Acc>> e{pg.dM, pg.dm, IVec<Acc>{} - 1, IVec<Acc>{} - 1};
-    for (int j = 0; j < count; ++j) e.imax[j] = idx[2 * (nc0 + j)], e.imin[j] = idx[2 * (nc0 + j) + 1];
+    for (int j = 0; j < count; ++j)
+      e.imax[j] = idx[2 * (nc0 + j)], e.imin[j] = idx[2 * (nc0 + j) + 1];
     return e;
   }
 };
@@ -94,36 +96,33 @@ void backward_plane_major(const BackwardViews<T>& v, const std::vector<at::Tenso
   at::parallel_for(0, x_t.size(0) * C, grain, [&](int64_t begin, int64_t end) {
     Vec<Acc> sums[kLanes];
     PlaneGrads<Vec<Acc>> grads;
-    walk_groups(
-        begin, end, C, group,
-        [&](int j, const PlaneIndex& at) {
-          Vec<Acc> S{};
-          for (int64_t row = 0; row < walk.rows; ++row)
-            dot_row<Unit, Relu, T, Acc>(v.grad.plane(at.n, at.c) + row * v.grad.sh, v.grad.sw,
-                                        v.out.plane(at.n, at.c) + row * v.out.sh, v.out.sw,
-                                        v.x.plane(at.n, at.c) + row * v.x.sh, v.x.sw, walk.len, S);
-          sums[j] = S;
-        },
-        [&](int64_t nc0, int count) {
-          if (group == 1) {
-            grads = pb.grads_one(sum_lanes<Acc>(sums[0]), nc0);
-            return;
-          }
-          std::fill(sums + count, sums + kLanes, Vec<Acc>{});
-          grads = pb.grads(fold_sums<Acc>(sums), nc0, count);
-        },
-        [&](int j, const PlaneIndex& at) {
-          const T *gp = v.grad.plane(at.n, at.c), *op = v.out.plane(at.n, at.c);
-          T *dp = v.dx.plane(at.n, at.c), *drp = v.dres.plane(at.n, at.c);
-          const Vec<Acc> g = Vec<Acc>{} + grads.g[j];
-          const auto ext = pb.extremes(grads, j, at.n * C + at.c);
-          for (int64_t row = 0; row < walk.rows; ++row)
-            input_grad_row<Unit, Relu, WriteDres>(
-                gp + row * v.grad.sh, v.grad.sw, op + row * v.out.sh, v.out.sw,
-                dp + row * v.dx.sh, v.dx.sw, drp + row * v.dres.sh, v.dres.sw, walk.len,
-                [&](int64_t) { return g; }, [&](int64_t) { return ext; },
-                row_positions<Acc>(row * walk.len));
-        });
+    walk_groups(begin, end, C, group, [&](int j, const PlaneIndex& at) {
+      Vec<Acc> S{};
+      for (int64_t row = 0; row < walk.rows; ++row)
+        dot_row<Unit, Relu, T, Acc>(v.grad.plane(at.n, at.c) + row * v.grad.sh, v.grad.sw,
+                                    v.out.plane(at.n, at.c) + row * v.out.sh, v.out.sw,
+                                    v.x.plane(at.n, at.c) + row * v.x.sh, v.x.sw, walk.len, S);
+      sums[j] = S;
+    }, [&](int64_t nc0, int count) {
+      if (group == 1) {
+        grads = pb.grads_one(sum_lanes<Acc>(sums[0]), nc0);
+        return;
+      }
+      std::fill(sums + count, sums + kLanes, Vec<Acc>{});
+      grads = pb.grads(fold_sums<Acc>(sums), nc0, count);
+    }, [&](int j, const PlaneIndex& at) {
+      const T *gp = v.grad.plane(at.n, at.c), *op = v.out.plane(at.n, at.c);
+      T *dp = v.dx.plane(at.n, at.c), *drp = v.dres.plane(at.n, at.c);
+      const Vec<Acc> g = Vec<Acc>{} + grads.g[j];
+      const auto ext = pb.extremes(grads, j, at.n * C + at.c);
+      for (int64_t row = 0; row < walk.rows; ++row)
+        input_grad_row<Unit, Relu, WriteDres>(gp + row * v.grad.sh, v.grad.sw,
+                                              op + row * v.out.sh, v.out.sw, dp + row * v.dx.sh,
+                                              v.dx.sw, drp + row * v.dres.sh, v.dres.sw,
+                                              walk.len, [&](int64_t) {
+          return g;
+        }, [&](int64_t) { return ext; }, row_positions<Acc>(row * walk.len));
+    });
   });
 }
 
@@ -169,8 +168,10 @@ void backward_channel_major(const BackwardViews<T>& v, const std::vector<at::Ten
         sums[full] = V{};
         for (int64_t h = 0; h < H; ++h)
           for (int64_t w = 0; w < W; ++w)
-            dot_row<false, Relu, T, Acc>(gp + h * v.grad.sh + w * v.grad.sw + full * kLanes * sgc,
-                                         sgc, op + h * v.out.sh + w * v.out.sw + full * kLanes * soc,
+            dot_row<false, Relu, T, Acc>(gp + h * v.grad.sh + w * v.grad.sw +
+                                             full * kLanes * sgc,
+                                         sgc,
+                                         op + h * v.out.sh + w * v.out.sw + full * kLanes * soc,
                                          soc, xp + h * v.x.sh + w * v.x.sw + full * kLanes * sxc,
                                          sxc, cb - full * kLanes, sums[full]);
       }
@@ -182,12 +183,15 @@ void backward_channel_major(const BackwardViews<T>& v, const std::vector<at::Ten
                              static_cast<int>(std::min<int64_t>(kLanes, cb - k * kLanes)));
       for (int64_t h = 0; h < H; ++h)
         for (int64_t w = 0; w < W; ++w)
-          input_grad_row<Unit, Relu, WriteDres>(
-              gp + h * v.grad.sh + w * v.grad.sw, v.grad.sc, op + h * v.out.sh + w * v.out.sw,
-              v.out.sc, dp + h * v.dx.sh + w * v.dx.sw, v.dx.sc, drp + h * v.dres.sh + w * v.dres.sw,
-              v.dres.sc, cb, [&](int64_t j) { return grads[j / kLanes].g; },
-              [&](int64_t j) -> const ExtremeGrads<V, IVec<Acc>>& { return ext[j / kLanes]; },
-              [&](int64_t) { return IVec<Acc>{} + static_cast<Pos<Acc>>(h * W + w); });
+          input_grad_row<Unit, Relu, WriteDres>(gp + h * v.grad.sh + w * v.grad.sw, v.grad.sc,
+                                                op + h * v.out.sh + w * v.out.sw, v.out.sc,
+                                                dp + h * v.dx.sh + w * v.dx.sw, v.dx.sc,
+                                                drp + h * v.dres.sh + w * v.dres.sw, v.dres.sc,
+                                                cb, [&](int64_t j) {
+            return grads[j / kLanes].g;
+          }, [&](int64_t j) -> const ExtremeGrads<V, IVec<Acc>>& {
+            return ext[j / kLanes];
+          }, [&](int64_t) { return IVec<Acc>{} + static_cast<Pos<Acc>>(h * W + w); });
     }
   });
 }
@@ -208,79 +212,60 @@ void reduce_partials(const Acc* part, int64_t N, int64_t C, const Acc* p,
   p_gradient(p, D, grads[4].data_ptr<Acc>());
 }
 
-ForwardResult spem_forward_cpu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
-                               const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& p,
-                               const std::optional<at::Tensor>& residual, bool relu) {
-  check_forward(x, w1, b1, w2, b2, p, residual);
-  auto [out, stats, idx] = allocate_forward(x);
-  if (out.numel() > 0)
-    forward_walk<true>(x, compute_params(w1, b1, w2, b2, p, compute_dtype(x.scalar_type())),
-                       residual, relu, out, stats, idx, [](auto) { return NoNorm(); });
-  return {out, stats, idx};
-}
+// The CPU's kernels for spem's ops (spem_op_entries.h).
+struct CpuSpem {
+  static NoDeviceGuard enter(const at::Tensor&) { return {}; }
 
-at::Tensor spem_output_cpu(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
-                           const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& p,
-                           const std::optional<at::Tensor>& residual, bool relu) {
-  check_forward(x, w1, b1, w2, b2, p, residual);
-  at::Tensor out = at::empty_like(x);
-  if (out.numel() > 0)
-    forward_walk<false>(x, compute_params(w1, b1, w2, b2, p, compute_dtype(x.scalar_type())),
-                        residual, relu, out, at::Tensor(), at::Tensor(),
-                        [](auto) { return NoNorm(); });
-  return out;
-}
+  static void forward(const at::Tensor& x, const ParamTensors& prm,
+                      const std::optional<at::Tensor>& residual, bool relu,
+                      const at::Tensor& out, const at::Tensor& stats, const at::Tensor& idx) {
+    with_bool(stats.defined(), [&](auto Save) {
+      forward_walk<Save>(x, prm, residual, relu, out, stats, idx, [](auto) { return NoNorm(); });
+    });
+  }
 
-BackwardResult spem_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
-                                 const at::Tensor& out, const at::Tensor& stats,
-                                 const at::Tensor& idx, const at::Tensor& w1,
-                                 const at::Tensor& b1, const at::Tensor& w2,
-                                 const at::Tensor& b2, const at::Tensor& p, bool relu,
-                                 bool write_dres) {
-  check_backward(grad, x, out, stats, idx, w1, b1, w2, b2, p);
-  auto [dx, dres] = allocate_input_grads(x, write_dres);
+  static void backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& out,
+                       const at::Tensor& stats, const at::Tensor& idx, bool relu,
+                       bool write_dres, BackwardSetup& s);
+};
+
+void CpuSpem::backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& out,
+                       const at::Tensor& stats, const at::Tensor& idx, bool relu,
+                       bool write_dres, BackwardSetup& s) {
   const int64_t N = x.size(0), C = x.size(1);
-  const auto acc = compute_dtype(x.scalar_type());
-  const ParamTensors prm = compute_params(w1, b1, w2, b2, p, acc);
-  ParamGrads grads = allocate_param_grads({w1, b1, w2, b2, p}, acc);
-  at::Tensor part = at::zeros({N, C, kPartials}, x.options().dtype(acc));
-  if (dx.numel() > 0) {
-    const at::Tensor stats_c = stats.contiguous(), idx_c = idx.contiguous();
-    const at::Tensor& dr = write_dres ? dres : dx;  // written only when write_dres
-    const std::vector<at::Tensor> ts = {grad, x, out, dx, dr};
-    const bool by_channel = channel_major(x);
-    const bool unit = unit_stride(ts, by_channel ? 1 : 3);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spem_backward_cpu", [&] {
-      using T = scalar_t;
-      using Acc = at::opmath_type<T>;
-      const BackwardViews<T> v{grad, x, out, dx, dr};
-      with_bool(relu, [&](auto L) {
-        const PlaneBackward<T, Acc, L> pb{stats_c.data_ptr<Acc>(), idx_c.data_ptr<int32_t>(),
-                                          part.data_ptr<Acc>(), params_of<Acc>(prm), C};
-        with_bool(unit, [&](auto U) {
-          with_bool(write_dres, [&](auto D) {
-            if (by_channel)
-              backward_channel_major<T, Acc, U, L, D>(v, ts, pb);
-            else
-              backward_plane_major<T, Acc, U, L, D>(v, ts, pb);
-          });
+  at::Tensor part = at::zeros({N, C, kPartials}, x.options().dtype(s.acc));
+  const at::Tensor stats_c = stats.contiguous(), idx_c = idx.contiguous();
+  const at::Tensor& dr = write_dres ? s.dres : s.dx;  // written only when write_dres
+  const std::vector<at::Tensor> ts = {grad, x, out, s.dx, dr};
+  const bool by_channel = channel_major(x);
+  const bool unit = unit_stride(ts, by_channel ? 1 : 3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spem_backward_cpu",
+                                  [&] {
+    using T = scalar_t;
+    using Acc = at::opmath_type<T>;
+    const BackwardViews<T> v{grad, x, out, s.dx, dr};
+    with_bool(relu, [&](auto L) {
+      const PlaneBackward<T, Acc, L> pb{stats_c.data_ptr<Acc>(), idx_c.data_ptr<int32_t>(),
+                                        part.data_ptr<Acc>(), params_of<Acc>(s.params), C};
+      with_bool(unit, [&](auto U) {
+        with_bool(write_dres, [&](auto D) {
+          if (by_channel)
+            backward_channel_major<T, Acc, U, L, D>(v, ts, pb);
+          else
+            backward_plane_major<T, Acc, U, L, D>(v, ts, pb);
         });
       });
     });
-  }
-  AT_DISPATCH_FLOATING_TYPES(acc, "spem_reduce_partials", [&] {
-    reduce_partials(part.data_ptr<scalar_t>(), N, C, prm[4].data_ptr<scalar_t>(), grads.written);
   });
-  grads.finish();
-  const auto& [dw1, db1, dw2, db2, dp] = grads.result;
-  return {dx, dres, dw1, db1, dw2, db2, dp};
+  AT_DISPATCH_FLOATING_TYPES(s.acc, "spem_reduce_partials", [&] {
+    reduce_partials(part.data_ptr<scalar_t>(), N, C, s.params[4].data_ptr<scalar_t>(),
+                    s.grads.written);
+  });
 }
 
 }  // namespace
 }  // namespace spem_native
 
 SPEM_TORCH_LIBRARY_IMPL(SPEM_LIBRARY, CPU, m) {
-  m.impl("spem_forward", &spem_native::spem_forward_cpu);
-  m.impl("spem_output", &spem_native::spem_output_cpu);
-  m.impl("spem_backward", &spem_native::spem_backward_cpu);
+  spem_native::register_spem_ops<spem_native::CpuSpem>(m);
 }

@@ -34,7 +34,9 @@ namespace spem_native {
 struct NoNorm {
   Identity plane(int64_t) const { return {}; }
   template <typename Acc>
-  Identity lanes(int64_t, int64_t) const { return {}; }
+  Identity lanes(int64_t, int64_t) const {
+    return {};
+  }
 };
 
 // Per group of kLanes channels its map (channel-major rows: element j of a row is channel j):
@@ -81,7 +83,8 @@ Vec<Acc> finish_planes(const LaneExtremes<Acc, Track>& e, const Params<Acc>& prm
   for (int j = 0; Track && j < count; ++j) {
     const int64_t nc = nc0 + j;
     stats[2 * nc] = M[j], stats[2 * nc + 1] = m[j];
-    idx[2 * nc] = static_cast<int32_t>(e.imax[j]), idx[2 * nc + 1] = static_cast<int32_t>(e.imin[j]);
+    idx[2 * nc] = static_cast<int32_t>(e.imax[j]),
+            idx[2 * nc + 1] = static_cast<int32_t>(e.imin[j]);
   }
   const Gate<Vec<Acc>> t = plane_gate(M, m, prm.lanes(nc0, C));
   return t.s1 * t.s2;
@@ -101,28 +104,24 @@ void forward_plane_major(const at::Tensor& x_t, const at::Tensor& r_t, const at:
   at::parallel_for(0, x_t.size(0) * C, grain, [&](int64_t begin, int64_t end) {
     LaneExtremes<Acc, Track> planes[kLanes];
     Vec<Acc> gates;
-    walk_groups(
-        begin, end, C, kLanes,
-        [&](int j, const PlaneIndex& at) {
-          LaneExtremes<Acc, Track> e;
-          for (int64_t row = 0; row < walk.rows; ++row)
-            e.template add_row<Unit>(x.plane(at.n, at.c) + row * x.sh, x.sw, walk.len,
-                                     row * walk.len, norm.plane(at.c));
-          planes[j] = e;
-        },
-        [&](int64_t nc0, int count) {
-          std::fill(planes + count, planes + kLanes, LaneExtremes<Acc, Track>());
-          gates = finish_planes(fold_extremes(planes), prm, nc0, count, C, stats, idx);
-        },
-        [&](int j, const PlaneIndex& at) {
-          const T *xp = x.plane(at.n, at.c), *rp = r.plane(at.n, at.c);
-          T* op = o.plane(at.n, at.c);
-          const Vec<Acc> g = Vec<Acc>{} + gates[j];
-          for (int64_t row = 0; row < walk.rows; ++row)
-            write_out_row<Unit, HasRes, Relu>(xp + row * x.sh, x.sw, rp + row * r.sh, r.sw,
-                                              op + row * o.sh, o.sw, walk.len,
-                                              [&](int64_t) { return g; }, norm.plane(at.c));
-        });
+    walk_groups(begin, end, C, kLanes, [&](int j, const PlaneIndex& at) {
+      LaneExtremes<Acc, Track> e;
+      for (int64_t row = 0; row < walk.rows; ++row)
+        e.template add_row<Unit>(x.plane(at.n, at.c) + row * x.sh, x.sw, walk.len,
+                                 row * walk.len, norm.plane(at.c));
+      planes[j] = e;
+    }, [&](int64_t nc0, int count) {
+      std::fill(planes + count, planes + kLanes, LaneExtremes<Acc, Track>());
+      gates = finish_planes(fold_extremes(planes), prm, nc0, count, C, stats, idx);
+    }, [&](int j, const PlaneIndex& at) {
+      const T *xp = x.plane(at.n, at.c), *rp = r.plane(at.n, at.c);
+      T* op = o.plane(at.n, at.c);
+      const Vec<Acc> g = Vec<Acc>{} + gates[j];
+      for (int64_t row = 0; row < walk.rows; ++row)
+        write_out_row<Unit, HasRes, Relu>(xp + row * x.sh, x.sw, rp + row * r.sh, r.sw,
+                                          op + row * o.sh, o.sw, walk.len,
+                                          [&](int64_t) { return g; }, norm.plane(at.c));
+    });
   });
 }
 
@@ -149,7 +148,8 @@ void forward_channel_major(const at::Tensor& x_t, const at::Tensor& r_t, const a
       const T *xp = x.plane(n, c0), *rp = r.plane(n, c0);
       T* op = o.plane(n, c0);
       for (int64_t k = 0; k < used; ++k)
-        maps[k] = norm.template lanes<Acc>(c0 + k * kLanes, std::min<int64_t>(kLanes, cb - k * kLanes));
+        maps[k] = norm.template lanes<Acc>(c0 + k * kLanes,
+                                           std::min<int64_t>(kLanes, cb - k * kLanes));
       // kChains groups at a time over every position, their extremes in registers.
       for (int64_t k0 = 0; k0 < full; k0 += kChains) {
         LaneExtremes<Acc, Track> e[kChains];
@@ -170,7 +170,8 @@ void forward_channel_major(const at::Tensor& x_t, const at::Tensor& r_t, const a
           for (int64_t w = 0; w < W; ++w) {
             const T* y = xp + h * x.sh + w * x.sw;
             for (int64_t j = full * kLanes; j < cb; ++j)
-              groups[full].add_one(j % kLanes, maps[full].lane(j % kLanes)(static_cast<Acc>(y[j * sxc])),
+              groups[full].add_one(j % kLanes,
+                                   maps[full].lane(j % kLanes)(static_cast<Acc>(y[j * sxc])),
                                    h * W + w);
           }
       }
@@ -180,10 +181,11 @@ void forward_channel_major(const at::Tensor& x_t, const at::Tensor& r_t, const a
                                 stats, idx);
       for (int64_t h = 0; h < H; ++h)
         for (int64_t w = 0; w < W; ++w)
-          write_out_row<Unit, HasRes, Relu>(xp + h * x.sh + w * x.sw, x.sc, rp + h * r.sh + w * r.sw,
-                                            r.sc, op + h * o.sh + w * o.sw, o.sc, cb,
-                                            [&](int64_t j) { return gate[j / kLanes]; },
-                                            ByGroup<Map>{maps});
+          write_out_row<Unit, HasRes, Relu>(xp + h * x.sh + w * x.sw, x.sc,
+                                            rp + h * r.sh + w * r.sw, r.sc,
+                                            op + h * o.sh + w * o.sw, o.sc, cb, [&](int64_t j) {
+            return gate[j / kLanes];
+          }, ByGroup<Map>{maps});
     }
   });
 }
@@ -191,8 +193,8 @@ void forward_channel_major(const at::Tensor& x_t, const at::Tensor& r_t, const a
 
 template <typename Acc>
 Params<Acc> params_of(const ParamTensors& p) {
-  return {p[0].data_ptr<Acc>(), p[1].data_ptr<Acc>(), p[2].data_ptr<Acc>(),
-          p[3].data_ptr<Acc>(), p[4].data_ptr<Acc>()};
+  return {p[0].data_ptr<Acc>(), p[1].data_ptr<Acc>(), p[2].data_ptr<Acc>(), p[3].data_ptr<Acc>(),
+          p[4].data_ptr<Acc>()};
 }
 
 // out = relu?(g x + residual), and with Track each plane's stats and positions; x through
@@ -205,7 +207,8 @@ void forward_walk(const at::Tensor& x, const ParamTensors& prm,
   const at::Tensor& res = has_res ? *residual : x;  // read only with a residual
   const bool by_channel = channel_major(x);
   const bool unit = unit_stride({x, res, out}, by_channel ? 1 : 3);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spem_forward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spem_forward_cpu",
+                                  [&] {
     using T = scalar_t;
     using Acc = at::opmath_type<T>;
     Acc* s = Track ? stats.data_ptr<Acc>() : nullptr;

@@ -75,9 +75,9 @@ Vec<Acc> load(const T* p, int64_t s) {
     // (__builtin_convertvector and a shift give the same, in five instructions with GCC 12.)
     Bits16 h;
     std::memcpy(&h, p, sizeof(h));
-    v = bit_as<Vec<Acc>>(__builtin_shufflevector(Bits16{}, h, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5,
-                                                 21, 6, 22, 7, 23, 8, 24, 9, 25, 10, 26, 11, 27,
-                                                 12, 28, 13, 29, 14, 30, 15, 31));
+    v = bit_as<Vec<Acc>>(__builtin_shufflevector(Bits16{}, h, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20,
+                                                 5, 21, 6, 22, 7, 23, 8, 24, 9, 25, 10, 26, 11,
+                                                 27, 12, 28, 13, 29, 14, 30, 15, 31));
   } else {
     for (int l = 0; l < kLanes; ++l) v[l] = static_cast<Acc>(p[l * (Unit ? 1 : s)]);
   }
@@ -263,7 +263,8 @@ Item fold(Item* items, Combine combine) {
 // Lane j: the extremes of planes[j] (ties still to the first position).
 template <typename Acc, bool Positions>
 LaneExtremes<Acc, Positions> fold_extremes(LaneExtremes<Acc, Positions>* planes) {
-  return fold(planes, [](LaneExtremes<Acc, Positions> lo, const LaneExtremes<Acc, Positions>& hi) {
+  return fold(planes,
+              [](LaneExtremes<Acc, Positions> lo, const LaneExtremes<Acc, Positions>& hi) {
     lo.merge(hi);
     return lo;
   });

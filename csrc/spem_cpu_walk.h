@@ -26,9 +26,14 @@ struct View {
 
   View(const at::Tensor& t)
       : data(static_cast<T*>(t.data_ptr())),
-        sn(t.stride(0)), sc(t.stride(1)), sh(t.stride(2)), sw(t.stride(3)) {}
+        sn(t.stride(0)),
+        sc(t.stride(1)),
+        sh(t.stride(2)),
+        sw(t.stride(3)) {}
   T* plane(int64_t n, int64_t c) const { return data + n * sn + c * sc; }
-  T& at(int64_t n, int64_t c, int64_t h, int64_t w) const { return plane(n, c)[h * sh + w * sw]; }
+  T& at(int64_t n, int64_t c, int64_t h, int64_t w) const {
+    return plane(n, c)[h * sh + w * sw];
+  }
 };
 
 // Plane nc = n * C + c as (n, c), stepped without a division per plane.
@@ -60,7 +65,10 @@ void walk_groups(int64_t begin, int64_t end, int64_t C, int group, First first, 
 
 template <typename F>
 void with_bool(bool value, F&& f) {
-  if (value) f(std::true_type{}); else f(std::false_type{});
+  if (value)
+    f(std::true_type{});
+  else
+    f(std::false_type{});
 }
 
 // Plane-major walk: `rows` rows of `len` elements; row r of a tensor starts at r * sh.
@@ -79,7 +87,8 @@ inline Rows plane_rows(const std::vector<at::Tensor>& ts) {
 }
 
 inline bool unit_stride(const std::vector<at::Tensor>& ts, int dim) {
-  return std::all_of(ts.begin(), ts.end(), [&](const at::Tensor& t) { return t.stride(dim) == 1; });
+  return std::all_of(ts.begin(), ts.end(),
+                     [&](const at::Tensor& t) { return t.stride(dim) == 1; });
 }
 
 inline bool channel_major(const at::Tensor& x) { return x.stride(1) == 1 && x.size(1) > 1; }
@@ -111,8 +120,8 @@ V block_tail(V gy, V residual) {
 // elements i .. i + kLanes - 1 as a vector (a plane's row: the plane's gate in every lane;
 // channel-major: each lane its channel's), and f may take i too (apply_map).
 template <bool Unit, bool HasRes, bool Relu, typename T, typename Gates, typename F = Identity>
-void write_out_row(const T* x, int64_t sx, const T* r, int64_t sr, T* o, int64_t so,
-                   int64_t len, Gates gates, F f = {}) {
+void write_out_row(const T* x, int64_t sx, const T* r, int64_t sr, T* o, int64_t so, int64_t len,
+                   Gates gates, F f = {}) {
   using V = decltype(gates(0));
   using Acc = typename ElementOf<V>::type;
   if (Unit) sx = sr = so = 1;
@@ -120,7 +129,9 @@ void write_out_row(const T* x, int64_t sx, const T* r, int64_t sr, T* o, int64_t
   for (; i + kLanes <= len; i += kLanes) {
     const V res = HasRes ? load<Acc, Unit>(r + i * sr, sr) : V{};
     store<Unit>(o + i * so, so,
-                block_tail<HasRes, Relu>(gates(i) * apply_map(f, load<Acc, Unit>(x + i * sx, sx), i), res));
+                block_tail<HasRes, Relu>(gates(i) *
+                                             apply_map(f, load<Acc, Unit>(x + i * sx, sx), i),
+                                         res));
   }
   for (; i < len; ++i) {
     const Acc res = HasRes ? static_cast<Acc>(r[i * sr]) : Acc(0);

@@ -1,5 +1,7 @@
-// CUDA binding of the spem_native ops (spem's and spem_bn's): checks and allocates with torch,
-// then calls the torch-free launchers of spem_cuda.cu on the current stream of x's device.
+// CUDA binding of the spem_native ops (spem's and spem_bn's): behind each op's entry point
+// (spem_op_entries.h: checks, allocations), the tensors' data and strides go by name into the
+// argument structs of spem_cuda.h, and the torch-free launchers of spem_cuda.cu run them on
+// the current stream of x's device.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
@@ -11,6 +13,7 @@
 #include "spem_cuda.h"
 #include "spem_math.h"
 #include "spem_op.h"
+#include "spem_op_entries.h"
 
 namespace spem_native {
 namespace {
@@ -47,8 +50,8 @@ T* data_or_null(const at::Tensor& t) {
 // x (or y) must fit the kernels' grids: checked before anything is allocated, so that the
 // error names the shape (see largest_grid).
 void check_grid(const at::Tensor& x) {
-  const int64_t blocks = largest_grid(strides_of(x), x.size(0), x.size(1), x.size(2),
-                                      x.size(3), static_cast<int>(x.element_size()));
+  const int64_t blocks = largest_grid(strides_of(x), x.size(0), x.size(1), x.size(2), x.size(3),
+                                      static_cast<int>(x.element_size()));
   TORCH_CHECK(blocks <= kMaxGridBlocks, "the CUDA kernels cannot take an input of shape ",
               x.sizes(), " and strides ", x.strides(), ": it needs ", blocks,
               " blocks in one launch, and a launch takes at most ", kMaxGridBlocks);
@@ -149,203 +152,103 @@ BnStatsArgs<T, Acc> bn_stats_args(const at::Tensor& y, const at::Tensor& plane_s
 
 // out = relu?(g x + residual), and each plane's stats and positions where stats and idx are
 // defined (undefined: the output alone, for a forward that no backward follows).
-void forward_into(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
-                  const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& p,
+void forward_into(const at::Tensor& x, const ParamTensors& prm,
                   const std::optional<at::Tensor>& residual, bool relu, const at::Tensor& out,
                   const at::Tensor& stats, const at::Tensor& idx) {
-  const ParamTensors prm = compute_params(w1, b1, w2, b2, p, compute_dtype(x.scalar_type()));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spem_forward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spem_forward_cuda",
+                                  [&] {
     using T = typename CudaType<scalar_t>::type;
     using Acc = at::opmath_type<scalar_t>;
-    C10_CUDA_CHECK(launch_spem_forward(
-        forward_args<T, Acc>(x, prm, residual, relu, out, stats, idx),
-        c10::cuda::getCurrentCUDAStream()));
+    C10_CUDA_CHECK(launch_spem_forward(forward_args<T, Acc>(x, prm, residual, relu, out, stats,
+                                                            idx),
+                                       c10::cuda::getCurrentCUDAStream()));
   });
 }
 
-ForwardResult spem_forward_cuda(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
-                                const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& p,
-                                const std::optional<at::Tensor>& residual, bool relu) {
-  check_forward(x, w1, b1, w2, b2, p, residual);
-  check_grid(x);
-  const c10::cuda::CUDAGuard guard(x.device());
-  auto [out, stats, idx] = allocate_forward(x);
-  forward_into(x, w1, b1, w2, b2, p, residual, relu, out, stats, idx);
-  return {out, stats, idx};
-}
-
-at::Tensor spem_output_cuda(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& b1,
-                            const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& p,
-                            const std::optional<at::Tensor>& residual, bool relu) {
-  check_forward(x, w1, b1, w2, b2, p, residual);
-  check_grid(x);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor out = at::empty_like(x);
-  forward_into(x, w1, b1, w2, b2, p, residual, relu, out, at::Tensor(), at::Tensor());
-  return out;
-}
-
-BackwardResult spem_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
-                                  const at::Tensor& out, const at::Tensor& stats,
-                                  const at::Tensor& idx, const at::Tensor& w1,
-                                  const at::Tensor& b1, const at::Tensor& w2,
-                                  const at::Tensor& b2, const at::Tensor& p, bool relu,
-                                  bool write_dres) {
-  check_backward(grad, x, out, stats, idx, w1, b1, w2, b2, p);
-  check_grid(x);
-  const c10::cuda::CUDAGuard guard(x.device());
-  auto [dx, dres] = allocate_input_grads(x, write_dres);
-  const auto acc = compute_dtype(x.scalar_type());
-  const ParamTensors prm = compute_params(w1, b1, w2, b2, p, acc);
-  ParamGrads grads = allocate_param_grads({w1, b1, w2, b2, p}, acc);
-  if (x.numel() == 0) {
-    for (auto& g : grads.result) g.zero_();
-    const auto& [dw1, db1, dw2, db2, dp] = grads.result;
-    return {dx, dres, dw1, db1, dw2, db2, dp};
-  }
+// spem's backward: dx, dres where written, the parameters' gradients.
+void backward_into(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& out,
+                   const at::Tensor& stats, const at::Tensor& idx, bool relu, bool write_dres,
+                   BackwardSetup& s) {
   const at::Tensor stats_c = stats.contiguous(), idx_c = idx.contiguous();
   const at::Tensor partials = at::empty({kPartials, x.size(0), x.size(1)}, stats.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "spem_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "spem_backward_cuda", [&] {
     using T = typename CudaType<scalar_t>::type;
     using Acc = at::opmath_type<scalar_t>;
-    C10_CUDA_CHECK(launch_spem_backward(
-        backward_args<T, Acc>(grad, x, out, stats_c, idx_c, prm, relu, dx,
-                              write_dres ? dres : at::Tensor(), partials, grads.written),
-        c10::cuda::getCurrentCUDAStream()));
+    C10_CUDA_CHECK(launch_spem_backward(backward_args<T, Acc>(grad, x, out, stats_c, idx_c,
+                                                              s.params, relu, s.dx,
+                                                              write_dres ? s.dres : at::Tensor(),
+                                                              partials, s.grads.written),
+                                        c10::cuda::getCurrentCUDAStream()));
   });
-  grads.finish();
-  const auto& [dw1, db1, dw2, db2, dp] = grads.result;
-  return {dx, dres, dw1, db1, dw2, db2, dp};
 }
 
 // spem_bn's forward into out (and stats, idx where defined; see forward_into), mean, invstd.
-void bn_forward_into(const at::Tensor& y, const std::optional<at::Tensor>& running_mean,
-                     const std::optional<at::Tensor>& running_var,
-                     const std::optional<at::Tensor>& weight,
-                     const std::optional<at::Tensor>& bias, const at::Tensor& w1,
-                     const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
-                     const at::Tensor& p, const std::optional<at::Tensor>& residual,
-                     bool training, double momentum, double eps, bool relu, const at::Tensor& out,
-                     const at::Tensor& stats, const at::Tensor& idx, const at::Tensor& mean,
-                     const at::Tensor& invstd) {
-  const auto acc = compute_dtype(y.scalar_type());
-  const ParamTensors prm = compute_params(w1, b1, w2, b2, p, acc);
-  BnTensors bn = bn_tensors(running_mean, running_var, weight, bias, acc);
+void bn_forward_into(const at::Tensor& y, const BnInputs& inputs, const ParamTensors& prm,
+                     const std::optional<at::Tensor>& residual, bool training, double momentum,
+                     double eps, bool relu, const at::Tensor& out, const at::Tensor& stats,
+                     const at::Tensor& idx, const at::Tensor& mean, const at::Tensor& invstd) {
+  BnTensors bn = bn_tensors(inputs, compute_dtype(y.scalar_type()));
   const at::Tensor plane_stats =
       training ? at::empty({2, y.size(0), y.size(1)}, mean.options()) : mean;
   const at::Tensor affine = at::empty({2, y.size(1)}, mean.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "spem_bn_forward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(),
+                                  "spem_bn_forward_cuda", [&] {
     using T = typename CudaType<scalar_t>::type;
     using Acc = at::opmath_type<scalar_t>;
     ForwardArgs<T, Acc> f = forward_args<T, Acc>(y, prm, residual, relu, out, stats, idx);
     f.affine = data_of<const Acc>(affine);
-    C10_CUDA_CHECK(launch_spem_bn_forward(
-        bn_stats_args<T, Acc>(y, plane_stats, bn, mean, invstd, affine, training, momentum, eps),
-        f, c10::cuda::getCurrentCUDAStream()));
+    C10_CUDA_CHECK(launch_spem_bn_forward(bn_stats_args<T, Acc>(y, plane_stats, bn, mean, invstd,
+                                                                affine, training, momentum, eps),
+                                          f, c10::cuda::getCurrentCUDAStream()));
   });
   if (training) bn.finish();
 }
 
-BnForwardResult spem_bn_forward_cuda(const at::Tensor& y,
-                                     const std::optional<at::Tensor>& running_mean,
-                                     const std::optional<at::Tensor>& running_var,
-                                     const std::optional<at::Tensor>& weight,
-                                     const std::optional<at::Tensor>& bias, const at::Tensor& w1,
-                                     const at::Tensor& b1, const at::Tensor& w2,
-                                     const at::Tensor& b2, const at::Tensor& p,
-                                     const std::optional<at::Tensor>& residual, bool training,
-                                     double momentum, double eps, bool relu) {
-  check_bn_forward(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p, residual,
-                   training);
-  check_grid(y);
-  const c10::cuda::CUDAGuard guard(y.device());
-  auto [out, stats, idx, mean, invstd] = allocate_bn_forward(y);
-  if (y.numel() == 0) return {out, stats, idx, mean.zero_(), invstd.zero_()};
-  bn_forward_into(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p, residual,
-                  training, momentum, eps, relu, out, stats, idx, mean, invstd);
-  return {out, stats, idx, mean, invstd};
-}
-
-at::Tensor spem_bn_output_cuda(const at::Tensor& y, const std::optional<at::Tensor>& running_mean,
-                               const std::optional<at::Tensor>& running_var,
-                               const std::optional<at::Tensor>& weight,
-                               const std::optional<at::Tensor>& bias, const at::Tensor& w1,
-                               const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
-                               const at::Tensor& p, const std::optional<at::Tensor>& residual,
-                               bool training, double momentum, double eps, bool relu) {
-  check_bn_forward(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p, residual,
-                   training);
-  check_grid(y);
-  const c10::cuda::CUDAGuard guard(y.device());
-  const at::Tensor out = at::empty_like(y);
-  if (y.numel() == 0) return out;
-  const at::Tensor channel = at::empty({2, y.size(1)}, y.options().dtype(compute_dtype(y.scalar_type())));
-  bn_forward_into(y, running_mean, running_var, weight, bias, w1, b1, w2, b2, p, residual,
-                  training, momentum, eps, relu, out, at::Tensor(), at::Tensor(), channel[0],
-                  channel[1]);
-  return out;
-}
-
-BnBackwardResult spem_bn_backward_cuda(const at::Tensor& grad, const at::Tensor& y,
-                                       const at::Tensor& out, const at::Tensor& stats,
-                                       const at::Tensor& idx, const at::Tensor& mean,
-                                       const at::Tensor& invstd,
-                                       const std::optional<at::Tensor>& weight,
-                                       const std::optional<at::Tensor>& bias,
-                                       const at::Tensor& w1, const at::Tensor& b1,
-                                       const at::Tensor& w2, const at::Tensor& b2,
-                                       const at::Tensor& p, bool training, bool relu,
-                                       bool write_dres) {
-  check_bn_backward(grad, y, out, stats, idx, mean, invstd, weight, bias, w1, b1, w2, b2, p);
-  check_grid(y);
-  const c10::cuda::CUDAGuard guard(y.device());
-  auto [dy, dres] = allocate_input_grads(y, write_dres);
-  const auto acc = compute_dtype(y.scalar_type());
-  const ParamTensors prm = compute_params(w1, b1, w2, b2, p, acc);
-  ParamGrads grads = allocate_param_grads({w1, b1, w2, b2, p}, acc);
-  BnParamGrads bn_grads = allocate_bn_param_grads(weight, bias, y, acc);
-  if (y.numel() == 0) {
-    for (auto& g : grads.result) g.zero_();
-    bn_grads.dweight.zero_();
-    bn_grads.dbias.zero_();
-    const auto& [dw1, db1, dw2, db2, dp] = grads.result;
-    return {dy, dres, bn_grads.dweight, bn_grads.dbias, dw1, db1, dw2, db2, dp};
-  }
-  const BnTensors bn = bn_tensors(std::nullopt, std::nullopt, weight, bias, acc);
+// spem_bn's backward: dy, dres where written, BatchNorm's and SPEM's parameters' gradients.
+void bn_backward_into(const at::Tensor& grad, const at::Tensor& y, const at::Tensor& out,
+                      const at::Tensor& stats, const at::Tensor& idx, const at::Tensor& mean,
+                      const at::Tensor& invstd, bool training, bool relu, bool write_dres,
+                      BnBackwardSetup& s) {
   const at::Tensor stats_c = stats.contiguous(), idx_c = idx.contiguous();
   const at::Tensor mean_c = mean.contiguous(), invstd_c = invstd.contiguous();
   const at::Tensor partials = at::empty({kBnPlanes, y.size(0), y.size(1)}, stats.options());
   const at::Tensor coef = at::empty({2, y.size(1)}, stats.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "spem_bn_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(),
+                                  "spem_bn_backward_cuda", [&] {
     using T = typename CudaType<scalar_t>::type;
     using Acc = at::opmath_type<scalar_t>;
     BackwardArgs<T, Acc> a =
-        backward_args<T, Acc>(grad, y, out, stats_c, idx_c, prm, relu, dy,
-                              write_dres ? dres : at::Tensor(), partials, grads.written);
+        backward_args<T, Acc>(grad, y, out, stats_c, idx_c, s.params, relu, s.dx,
+                              write_dres ? s.dres : at::Tensor(), partials, s.grads.written);
     a.mean = data_of<const Acc>(mean_c);
     a.invstd = data_of<const Acc>(invstd_c);
-    a.weight = data_or_null<const Acc>(bn.weight);
-    a.bias = data_or_null<const Acc>(bn.bias);
-    a.dweight = data_of<Acc>(bn_grads.written_dweight);
-    a.dbias = data_of<Acc>(bn_grads.written_dbias);
+    a.weight = data_or_null<const Acc>(s.bn.weight);
+    a.bias = data_or_null<const Acc>(s.bn.bias);
+    a.dweight = data_of<Acc>(s.bn_grads.written_dweight);
+    a.dbias = data_of<Acc>(s.bn_grads.written_dbias);
     a.coef = data_of<Acc>(coef);
     a.training = training;
     C10_CUDA_CHECK(launch_spem_bn_backward(a, c10::cuda::getCurrentCUDAStream()));
   });
-  grads.finish();
-  bn_grads.finish();
-  const auto& [dw1, db1, dw2, db2, dp] = grads.result;
-  return {dy, dres, bn_grads.dweight, bn_grads.dbias, dw1, db1, dw2, db2, dp};
 }
+
+// The CUDA kernels of spem's and spem_bn's ops (spem_op_entries.h).
+struct Cuda {
+  static c10::cuda::CUDAGuard enter(const at::Tensor& x) {
+    check_grid(x);
+    return c10::cuda::CUDAGuard(x.device());
+  }
+  static constexpr auto forward = forward_into;
+  static constexpr auto backward = backward_into;
+  static constexpr auto bn_forward = bn_forward_into;
+  static constexpr auto bn_backward = bn_backward_into;
+};
 
 }  // namespace
 }  // namespace spem_native
 
 SPEM_TORCH_LIBRARY_IMPL(SPEM_LIBRARY, SPEM_CUDA_KEY, m) {
-  m.impl("spem_forward", &spem_native::spem_forward_cuda);
-  m.impl("spem_backward", &spem_native::spem_backward_cuda);
-  m.impl("spem_output", &spem_native::spem_output_cuda);
-  m.impl("spem_bn_forward", &spem_native::spem_bn_forward_cuda);
-  m.impl("spem_bn_output", &spem_native::spem_bn_output_cuda);
-  m.impl("spem_bn_backward", &spem_native::spem_bn_backward_cuda);
+  spem_native::register_spem_ops<spem_native::Cuda>(m);
+  spem_native::register_spem_bn_ops<spem_native::Cuda>(m);
 }

@@ -40,16 +40,22 @@ __device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162flo
 template <typename T>
 struct Round;  // the compute value rounded once to the storage type
 template <>
-struct Round<float> { static __device__ __forceinline__ float from(float v) { return v; } };
+struct Round<float> {
+  static __device__ __forceinline__ float from(float v) { return v; }
+};
 template <>
-struct Round<double> { static __device__ __forceinline__ double from(double v) { return v; } };
+struct Round<double> {
+  static __device__ __forceinline__ double from(double v) { return v; }
+};
 template <>
 struct Round<__half> {
   static __device__ __forceinline__ __half from(float v) { return __float2half_rn(v); }
 };
 template <>
 struct Round<__nv_bfloat16> {
-  static __device__ __forceinline__ __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
+  static __device__ __forceinline__ __nv_bfloat16 from(float v) {
+    return __float2bfloat16_rn(v);
+  }
 };
 
 template <typename T, int VEC>
@@ -60,7 +66,8 @@ struct alignas(sizeof(T) * VEC) Pack {
 // Offset of row-major position p in a plane; flat planes (h stride = W * w stride) skip the
 // division. Positions fit in int32 (the bindings check H * W); the loops that walk them
 // count in int64 (q), so that q + step cannot overflow near the end of a plane of 2^31 - 1.
-__device__ __forceinline__ int64_t pos_offset(const Strides& s, int32_t p, int32_t W, bool flat) {
+__device__ __forceinline__ int64_t pos_offset(const Strides& s, int32_t p, int32_t W,
+                                              bool flat) {
   if (flat) return p * s.w;
   const uint32_t h = uint32_t(p) / uint32_t(W);  // unsigned: the cheaper division
   return int64_t(h) * s.h + int64_t(uint32_t(p) - h * uint32_t(W)) * s.w;
@@ -96,8 +103,12 @@ __device__ __forceinline__ Extremes<Acc> shfl_xor(const Extremes<Acc>& e, int la
           __shfl_xor_sync(0xffffffffu, e.nan, lane_mask)};
 }
 
-__device__ __forceinline__ float shfl_xor(float v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
-__device__ __forceinline__ double shfl_xor(double v, int m) { return __shfl_xor_sync(0xffffffffu, v, m); }
+__device__ __forceinline__ float shfl_xor(float v, int m) {
+  return __shfl_xor_sync(0xffffffffu, v, m);
+}
+__device__ __forceinline__ double shfl_xor(double v, int m) {
+  return __shfl_xor_sync(0xffffffffu, v, m);
+}
 
 // Two sums reduced together (spem_bn's backward: sum G and sum G (y - mean)).
 template <typename Acc>
@@ -113,7 +124,9 @@ __device__ __forceinline__ Pair<Acc> shfl_xor(const Pair<Acc>& v, int m) {
 __device__ __forceinline__ void combine(float& a, float b) { a += b; }
 __device__ __forceinline__ void combine(double& a, double b) { a += b; }
 template <typename Acc>
-__device__ __forceinline__ void combine(Extremes<Acc>& a, const Extremes<Acc>& b) { a.merge(b); }
+__device__ __forceinline__ void combine(Extremes<Acc>& a, const Extremes<Acc>& b) {
+  a.merge(b);
+}
 template <typename Acc>
 __device__ __forceinline__ void combine(Pair<Acc>& a, const Pair<Acc>& b) {
   a.a += b.a;
@@ -171,7 +184,8 @@ __device__ __forceinline__ PlaneTask plane_task(int64_t C, int group) {
   // fits 32 bits: there are at least as many blocks (bindings' check_grid)
   const unsigned blocks_per_sample = unsigned((C + per_block - 1) >> shift);
   const unsigned n = blockIdx.x / blocks_per_sample;
-  const unsigned lane = threadIdx.x & unsigned(group - 1), slot = threadIdx.x >> (__ffs(group) - 1);
+  const unsigned lane = threadIdx.x & unsigned(group - 1),
+                 slot = threadIdx.x >> (__ffs(group) - 1);
   const int64_t c = (int64_t(blockIdx.x - n * blocks_per_sample) << shift) + slot;
   const bool active = c < C;
   return {int(lane), int64_t(n) * C + c, n, active ? c : 0, active};
@@ -262,8 +276,8 @@ __global__ void __launch_bounds__(kThreads)
   e = group_reduce(e, group);
   const Acc* const prm[5] = {a.w1, a.b1, a.w2, a.b2, a.p};
   if (!active) return;  // no barrier follows
-  const Acc gate = finish_plane(e, prm, n, c, a.C, a.stats, a.idx,
-                                lane == 0 && a.stats != nullptr);
+  const Acc gate =
+      finish_plane(e, prm, n, c, a.C, a.stats, a.idx, lane == 0 && a.stats != nullptr);
   Acc g[VEC];
 #pragma unroll
   for (int j = 0; j < VEC; ++j) g[j] = gate;
@@ -485,14 +499,10 @@ constexpr int kSumRows = kThreads / kSumChannels;
 template <typename T, typename Acc>
 __device__ void store_bn_sum(const BackwardArgs<T, Acc>& a, int64_t plane, int64_t c, Acc s) {
   const Acc count = Acc(a.N) * Acc(a.H * a.W);
-  if (plane == kBnSumDx) {
-    a.dbias[c] = s;
-    a.coef[c] = a.training ? s / count : Acc(0);
-  } else {
-    const Acc invstd = a.invstd[c];
-    a.dweight[c] = invstd * s;
-    a.coef[a.C + c] = a.training ? s * invstd * invstd / count : Acc(0);
-  }
+  if (plane == kBnSumDx)
+    bn_bias_grads(s, count, a.training, &a.dbias[c], &a.coef[c]);
+  else
+    bn_weight_grads(s, a.invstd[c], count, a.training, &a.dweight[c], &a.coef[a.C + c]);
 }
 
 template <typename T, typename Acc>
@@ -504,7 +514,8 @@ __global__ void __launch_bounds__(kThreads) param_grads(const BackwardArgs<T, Ac
     const unsigned which = blockIdx.x / unsigned(channel_blocks);
     const int64_t plane = which < 4 ? which : which + 1;  // plane 4 is p's, summed below
     const int lane = threadIdx.x % kSumChannels, row = threadIdx.x / kSumChannels;
-    const int64_t c = int64_t(blockIdx.x - which * unsigned(channel_blocks)) * kSumChannels + lane;
+    const int64_t c =
+        int64_t(blockIdx.x - which * unsigned(channel_blocks)) * kSumChannels + lane;
     const Acc* part = a.partials + plane * NC;
     Acc s = 0;
     if (c < a.C)
@@ -701,17 +712,21 @@ __device__ __forceinline__ void load_write_coefs(const BackwardArgs<T, Acc>& a, 
   alpha[j] = norm.alpha, mean[j] = norm.mean, k2[j] = a.coef[c], k3[j] = a.coef[a.C + c];
 }
 
-// dy = alpha (dx - k2 - (y - mean) k3) with dx = G g (+ dM, dm at the extremes); dres = G.
+// dy (bn_input_grad) from dx = G g (+ dM, dm at the extremes); dres = G.
 template <int VEC, typename T, typename Acc>
-__device__ __forceinline__ void write_bn_input_grads(
-    const BackwardArgs<T, Acc>& a, const PlaneCoefs<Acc, VEC>& k, const Acc (&alpha)[VEC],
-    const Acc (&mean)[VEC], const Acc (&k2)[VEC], const Acc (&k3)[VEC], const Acc (&G)[VEC],
-    const Acc (&y)[VEC], const int32_t (&pos)[VEC], int64_t dy_off, int64_t dres_off) {
+__device__ __forceinline__ void write_bn_input_grads(const BackwardArgs<T, Acc>& a,
+                                                     const PlaneCoefs<Acc, VEC>& k,
+                                                     const Acc (&alpha)[VEC],
+                                                     const Acc (&mean)[VEC],
+                                                     const Acc (&k2)[VEC], const Acc (&k3)[VEC],
+                                                     const Acc (&G)[VEC], const Acc (&y)[VEC],
+                                                     const int32_t (&pos)[VEC], int64_t dy_off,
+                                                     int64_t dres_off) {
   Acc d[VEC];
   input_grad<VEC>(k, G, pos, d);
 #pragma unroll
-  for (int j = 0; j < VEC; ++j)  // k3 = 0 (eval) adds nothing, an infinite y included
-    d[j] = alpha[j] * (d[j] - k2[j] - (k3[j] == Acc(0) ? Acc(0) : (y[j] - mean[j]) * k3[j]));
+  for (int j = 0; j < VEC; ++j)
+    d[j] = bn_input_grad(d[j], y[j], mean[j], alpha[j], k2[j], k3[j]);
   store<VEC>(a.dx + dy_off, d);
   if (a.dres != nullptr) store<VEC>(a.dres + dres_off, G);
 }
@@ -727,7 +742,8 @@ __global__ void __launch_bounds__(kThreads)
   PlaneCoefs<Acc, VEC> k;
   Acc alpha[VEC], mean[VEC], k2[VEC], k3[VEC];
 #pragma unroll
-  for (int j = 0; j < VEC; ++j) load_write_coefs<T, Acc, VEC>(a, n, c, j, k, alpha, mean, k2, k3);
+  for (int j = 0; j < VEC; ++j)
+    load_write_coefs<T, Acc, VEC>(a, n, c, j, k, alpha, mean, k2, k3);
   for (int64_t q = lane * VEC; q < HW; q += step) {
     const int32_t p = int32_t(q);
     Acc G[VEC], y[VEC];
@@ -773,8 +789,8 @@ bool is_flat(const Strides& s, int64_t H, int64_t W) { return H == 1 || s.h == W
 
 // Whether VEC consecutive elements along `inner` (the w or c stride, which must be 1) start
 // 16-byte aligned at every position each kernel visits.
-bool vectorizable(const void* data, int64_t inner_stride,
-                  std::initializer_list<int64_t> outer, int vec) {
+bool vectorizable(const void* data, int64_t inner_stride, std::initializer_list<int64_t> outer,
+                  int vec) {
   if (data == nullptr) return true;
   if (inner_stride != 1 || reinterpret_cast<uintptr_t>(data) % 16 != 0) return false;
   for (int64_t o : outer)
@@ -789,8 +805,8 @@ struct Layout {
 // Planes: positions contiguous (flat planes, w stride 1) and H*W a multiple of VEC.
 // Channels: channels contiguous (c stride 1) and C a multiple of VEC.
 template <typename T>
-Layout choose_layout(std::initializer_list<std::pair<const void*, Strides>> tensors,
-                     int64_t C, int64_t H, int64_t W, bool x_by_channel) {
+Layout choose_layout(std::initializer_list<std::pair<const void*, Strides>> tensors, int64_t C,
+                     int64_t H, int64_t W, bool x_by_channel) {
   constexpr int vec = 16 / sizeof(T);
   Layout l{x_by_channel, true, true};
   for (const auto& [data, s] : tensors) {
@@ -858,48 +874,44 @@ cudaError_t launch_pass(const Args& a, const Layout& l, cudaStream_t stream) {
   const int vec = l.vec ? kVec : 1, lanes = l.vec ? 8 : 32;
   const int64_t blocks = pass_blocks(l.by_channel, vec, lanes, a.N, a.C, a.H, a.W);
   if (l.by_channel)
-    return l.vec ? launch_kernel(Kernels::template channels<kVec, 8>(), blocks, stream, a, l.flat)
-                 : launch_kernel(Kernels::template channels<1, 32>(), blocks, stream, a, l.flat);
+    return l.vec
+               ? launch_kernel(Kernels::template channels<kVec, 8>(), blocks, stream, a, l.flat)
+               : launch_kernel(Kernels::template channels<1, 32>(), blocks, stream, a, l.flat);
   const int group = plane_group(a.H * a.W, vec);
-  return l.vec ? launch_kernel(Kernels::template planes<kVec>(), blocks, stream, a, group, l.flat)
-               : launch_kernel(Kernels::template planes<1>(), blocks, stream, a, group, l.flat);
+  return l.vec
+             ? launch_kernel(Kernels::template planes<kVec>(), blocks, stream, a, group, l.flat)
+             : launch_kernel(Kernels::template planes<1>(), blocks, stream, a, group, l.flat);
 }
 
-template <typename T, typename Acc>
-struct ForwardKernels {
-  template <int VEC> static auto planes() { return forward_planes<T, Acc, VEC>; }
-  template <int VEC, int LC> static auto channels() { return forward_channels<T, Acc, VEC, LC>; }
-};
-
-template <typename T, typename Acc>
-struct BackwardKernels {
-  template <int VEC> static auto planes() { return backward_planes<T, Acc, VEC>; }
-  template <int VEC, int LC> static auto channels() { return backward_channels<T, Acc, VEC, LC>; }
-};
-
-template <typename T, typename Acc>
-struct BnStatsKernels {
-  template <int VEC> static auto planes() { return bn_stats_planes<T, Acc, VEC>; }
-  template <int VEC, int LC> static auto channels() { return bn_stats_channels<T, Acc, VEC, LC>; }
-};
-
-template <typename T, typename Acc>
-struct BnReduceKernels {
-  template <int VEC> static auto planes() { return bn_reduce_planes<T, Acc, VEC>; }
-  template <int VEC, int LC> static auto channels() { return bn_reduce_channels<T, Acc, VEC, LC>; }
-};
-
-template <typename T, typename Acc>
-struct BnWriteKernels {
-  template <int VEC> static auto planes() { return bn_write_planes<T, Acc, VEC>; }
-  template <int VEC, int LC> static auto channels() { return bn_write_channels<T, Acc, VEC, LC>; }
-};
+// Each pass's kernels by layout and vector width, for launch_pass: a function template cannot
+// be a template argument, so each pass names its planes and channels kernels once here.
+#define SPEM_PASS_KERNELS(Name, planes_kernel, channels_kernel) \
+  template <typename T, typename Acc> \
+  struct Name { \
+    template <int VEC> \
+    static auto planes() { \
+      return planes_kernel<T, Acc, VEC>; \
+    } \
+    template <int VEC, int LC> \
+    static auto channels() { \
+      return channels_kernel<T, Acc, VEC, LC>; \
+    } \
+  };
+SPEM_PASS_KERNELS(ForwardKernels, forward_planes, forward_channels)
+SPEM_PASS_KERNELS(BackwardKernels, backward_planes, backward_channels)
+SPEM_PASS_KERNELS(BnStatsKernels, bn_stats_planes, bn_stats_channels)
+SPEM_PASS_KERNELS(BnReduceKernels, bn_reduce_planes, bn_reduce_channels)
+SPEM_PASS_KERNELS(BnWriteKernels, bn_write_planes, bn_write_channels)
+#undef SPEM_PASS_KERNELS
 
 // The layout of a backward pass: every tensor it reads or writes.
 template <typename T, typename Acc>
 Layout backward_layout(const BackwardArgs<T, Acc>& a) {
-  return choose_layout<T>({{a.grad, a.sg}, {a.x, a.sx}, {a.relu ? a.out : nullptr, a.so},
-                           {a.dx, a.sd}, {a.dres, a.sdr}},
+  return choose_layout<T>({{a.grad, a.sg},
+                           {a.x, a.sx},
+                           {a.relu ? a.out : nullptr, a.so},
+                           {a.dx, a.sd},
+                           {a.dres, a.sdr}},
                           a.C, a.H, a.W, by_channel(a.sx, a.C));
 }
 
@@ -954,12 +966,14 @@ cudaError_t launch_spem_bn_backward(const BackwardArgs<T, Acc>& a, cudaStream_t 
   return launch_pass<BnWriteKernels<T, Acc>, T>(a, l, stream);
 }
 
-#define SPEM_INSTANTIATE(T, Acc)                                                              \
+#define SPEM_INSTANTIATE(T, Acc) \
   template cudaError_t launch_spem_forward<T, Acc>(const ForwardArgs<T, Acc>&, cudaStream_t); \
   template cudaError_t launch_spem_backward<T, Acc>(const BackwardArgs<T, Acc>&, cudaStream_t); \
-  template cudaError_t launch_spem_bn_forward<T, Acc>(const BnStatsArgs<T, Acc>&,           \
-                                                      const ForwardArgs<T, Acc>&, cudaStream_t); \
-  template cudaError_t launch_spem_bn_backward<T, Acc>(const BackwardArgs<T, Acc>&, cudaStream_t);
+  template cudaError_t launch_spem_bn_forward<T, Acc>(const BnStatsArgs<T, Acc>&, \
+                                                      const ForwardArgs<T, Acc>&, \
+                                                      cudaStream_t); \
+  template cudaError_t launch_spem_bn_backward<T, Acc>(const BackwardArgs<T, Acc>&, \
+                                                       cudaStream_t);
 SPEM_INSTANTIATE(float, float)
 SPEM_INSTANTIATE(__half, float)
 SPEM_INSTANTIATE(__nv_bfloat16, float)

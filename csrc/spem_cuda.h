@@ -37,11 +37,11 @@ template <typename T, typename Acc>
 struct BnStatsArgs {
   const T* y;
   Strides sy;
-  Acc* plane_stats;                  // (2, N, C) scratch: each plane's mean and M2
-  const Acc *weight, *bias;          // C values each, or nullptr (no affine parameters)
-  Acc *running_mean, *running_var;   // C values each, or nullptr; updated in training
-  Acc *mean, *invstd;                // C values each: what normalises y
-  Acc* affine;                       // (2, C): alpha, beta for the fused forward
+  Acc* plane_stats;                 // (2, N, C) scratch: each plane's mean and M2
+  const Acc *weight, *bias;         // C values each, or nullptr (no affine parameters)
+  Acc *running_mean, *running_var;  // C values each, or nullptr; updated in training
+  Acc *mean, *invstd;               // C values each: what normalises y
+  Acc* affine;                      // (2, C): alpha, beta for the fused forward
   int64_t N, C, H, W;
   bool training;
   Acc momentum, eps;
@@ -53,7 +53,7 @@ struct BackwardArgs {
   const T* x;
   const T* out;  // read only with relu (the mask is out > 0)
   T* dx;
-  T* dres;       // nullptr unless the masked gradient is written
+  T* dres;  // nullptr unless the masked gradient is written
   Strides sg, sx, so, sd, sdr;
   const Acc *w1, *b1, *w2, *b2, *p;
   const Acc* stats;
@@ -65,10 +65,10 @@ struct BackwardArgs {
   int64_t N, C, H, W;
   bool relu;
   // spem_bn only (mean is nullptr for spem): x is y, dx is dy
-  const Acc *mean = nullptr, *invstd = nullptr;   // C values each, from the forward
-  const Acc *weight = nullptr, *bias = nullptr;   // C values each, or nullptr
-  Acc *dweight = nullptr, *dbias = nullptr;       // C values each
-  Acc* coef = nullptr;                            // (2, C) scratch: k2, k3 of the writing pass
+  const Acc *mean = nullptr, *invstd = nullptr;  // C values each, from the forward
+  const Acc *weight = nullptr, *bias = nullptr;  // C values each, or nullptr
+  Acc *dweight = nullptr, *dbias = nullptr;      // C values each
+  Acc* coef = nullptr;                           // (2, C) scratch: k2, k3 of the writing pass
   bool training = false;
 };
 

@@ -49,8 +49,8 @@ struct ElementOf {
   using type = F;
 };
 template <typename F>
-struct ElementOf<F, std::void_t<decltype(std::declval<F>()[0])>> {
-  using type = std::remove_cv_t<std::remove_reference_t<decltype(std::declval<F>()[0])>>;
+struct ElementOf<F, std::void_t<decltype(std::declval<F>()[0])> > {
+  using type = std::remove_cv_t<std::remove_reference_t<decltype(std::declval<F>()[0])> >;
 };
 
 // e^x on the CPU for a float or a GCC/Clang vector of floats or doubles (the CPU kernels
@@ -139,7 +139,9 @@ SPEM_HD PlaneGrads<Acc> plane_grads(Acc S, Acc M, Acc m, const ChannelParams<Acc
   const Acc dU = S * t.s2 * t.s1 * (1 - t.s1);
   const Acc dA = dU + dZ * c.w1 * c.q0;
   const Acc dB = dU + dZ * c.w1 * c.q1;
-  return {t.s1 * t.s2, dA * c.w2, dB * c.w2,
+  return {t.s1 * t.s2,
+          dA * c.w2,
+          dB * c.w2,
           {dZ * (c.q0 * t.A + c.q1 * t.B), dZ, dA * M + dB * m, dA + dB,
            dZ * c.w1 * c.w2 * (M - m)}};
 }

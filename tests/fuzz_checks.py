@@ -154,6 +154,18 @@ def _at(mask, plane_value):
     return torch.where(mask, _plane(plane_value), 0.0)
 
 
+def _spem_grads(x, params, residual, G, **scale_args):
+    """SPEM's parameters' and the residual's gradients (leaves' .grad, p's from p_gradient)
+    with their error scales, given G = dL/d(pre-ReLU output) and the input x of the gate."""
+    param_grads = [leaf.grad for leaf in params[:4]] + [p_gradient(x, *params, G)]
+    scales = param_grad_scales(x, *params, G, **scale_args)
+    grads = {name: (grad, scale.reshape(leaf.shape), 0) for name, leaf, grad, scale
+             in zip(("w1", "b1", "w2", "b2", "p"), params, param_grads, scales)}
+    if residual is not None:
+        grads["residual"] = (residual.grad, G.abs(), 0)
+    return grads
+
+
 def spem_expected(tensors, grad_out, relu):
     x, w1, b1, w2, b2, p, res = tensors
     compute = compute_dtype(x.dtype)
@@ -166,14 +178,8 @@ def spem_expected(tensors, grad_out, relu):
     grad_out, G = _masked_grad(grad_out, pre.detach(), res64, out_size, x.dtype, relu)
     pre.backward(G)
     at_max, at_min = extreme_positions(x64)
-    scales = param_grad_scales(x64, *t[1:6], G, finfo=torch.finfo(compute))
     grads = {"x": (t[0].grad, _input_grad_size(G, sizes, at_max, at_min), 0)}
-    param_grads = [leaf.grad for leaf in t[1:5]] + [p_gradient(x64, *t[1:6], G)]
-    for name, leaf, grad, scale in zip(("w1", "b1", "w2", "b2", "p"), t[1:6], param_grads,
-                                       scales):
-        grads[name] = (grad, scale.reshape(leaf.shape), 0)
-    if res is not None:
-        grads["residual"] = (t[6].grad, G.abs(), 0)
+    grads.update(_spem_grads(x64, t[1:6], t[6], G, finfo=torch.finfo(compute)))
     out = torch.relu(pre) if relu else pre
     return Expected((out.detach(), out_size), grads, None, grad_out, compute)
 
@@ -232,13 +238,7 @@ def spem_bn_expected(tensors, grad_out, training, momentum, eps, relu):
         if leaf is not None:
             grads[name] = (leaf.grad, size.reshape(leaf.shape),
                            slack.reshape(leaf.shape) if torch.is_tensor(slack) else 0)
-    scales = param_grad_scales(xd, *t[3:8], G, x_size=x_size, finfo=finfo)
-    param_grads = [leaf.grad for leaf in t[3:7]] + [p_gradient(xd, *t[3:8], G)]
-    for name, leaf, grad, scale in zip(("w1", "b1", "w2", "b2", "p"), t[3:8], param_grads,
-                                       scales):
-        grads[name] = (grad, scale.reshape(leaf.shape), 0)
-    if res is not None:
-        grads["residual"] = (t[8].grad, G.abs(), 0)
+    grads.update(_spem_grads(xd, t[3:8], t[8], G, x_size=x_size, finfo=finfo))
     running = None
     if training and rm is not None:
         mean_size = y64.abs().mean((0, 2, 3))
