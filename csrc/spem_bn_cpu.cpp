@@ -118,17 +118,19 @@ void channel_sums(const View<const T>& y, int64_t n, int64_t c0, int64_t cb, int
                   int64_t W, Vec<Acc>* sums, F group_map) {
   const int64_t full = cb / kLanes, used = (cb + kLanes - 1) / kLanes;
   const int64_t sc = Unit ? 1 : y.sc;
+  Vec<Acc> chunk[kMaxChannelBlock / kLanes];
   std::fill(sums, sums + used, Vec<Acc>{});
+  std::fill(chunk, chunk + used, Vec<Acc>{});
   const T* yp = y.plane(n, c0);
-  for (int64_t h = 0; h < H; ++h)
-    for (int64_t w = 0; w < W; ++w) {
-      const T* row = yp + h * y.sh + w * y.sw;
-      for (int64_t k = 0; k < full; ++k)
-        sums[k] += group_map(k)(load<Acc, Unit>(row + k * kLanes * sc, sc));
-      for (int64_t j = full * kLanes; j < cb; ++j)
-        sums[full][j % kLanes] +=
-            group_map(full).lane(j % kLanes)(static_cast<Acc>(row[j * sc]));
-    }
+  for_positions_in_chunks(H, W, [&](int64_t h, int64_t w) {
+    const T* row = yp + h * y.sh + w * y.sw;
+    for (int64_t k = 0; k < full; ++k)
+      chunk[k] += group_map(k)(load<Acc, Unit>(row + k * kLanes * sc, sc));
+    for (int64_t j = full * kLanes; j < cb; ++j)
+      chunk[full][j % kLanes] += group_map(full).lane(j % kLanes)(static_cast<Acc>(row[j * sc]));
+  }, [&] {
+    for (int64_t k = 0; k < used; ++k) sums[k] += chunk[k], chunk[k] = Vec<Acc>{};
+  });
 }
 
 template <typename T, typename Acc, bool Unit>
@@ -361,25 +363,31 @@ void reduce_channel_major(const std::vector<at::Tensor>& ts, const BnBackward<T,
   const int64_t block = channel_block(C, H * W), blocks = (C + block - 1) / block;
   at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
     Vec<Acc> SG[kMaxChannelBlock / kLanes], SD[kMaxChannelBlock / kLanes],
-        mu[kMaxChannelBlock / kLanes];
+        mu[kMaxChannelBlock / kLanes], chunk_g[kMaxChannelBlock / kLanes],
+        chunk_d[kMaxChannelBlock / kLanes];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / blocks, c0 = task % blocks * block;
       const int64_t cb = std::min(block, C - c0), used = (cb + kLanes - 1) / kLanes;
       for (int64_t k = 0; k < used; ++k) {
-        SG[k] = SD[k] = Vec<Acc>{};
+        SG[k] = SD[k] = chunk_g[k] = chunk_d[k] = Vec<Acc>{};
         mu[k] =
             channel_lanes(b.mean, c0 + k * kLanes, std::min<int64_t>(kLanes, cb - k * kLanes));
       }
-      for (int64_t h = 0; h < H; ++h)
-        for (int64_t w = 0; w < W; ++w)
-          bn_sums_row<Unit, Relu, true, T, Acc>(v.grad.plane(n, c0) + h * v.grad.sh +
-                                                    w * v.grad.sw,
-                                                v.grad.sc,
-                                                v.out.plane(n, c0) + h * v.out.sh + w * v.out.sw,
-                                                v.out.sc,
-                                                v.x.plane(n, c0) + h * v.x.sh + w * v.x.sw,
-                                                v.x.sc, cb, [&](int64_t k) { return mu[k]; }, SG,
-                                                SD);
+      for_positions_in_chunks(H, W, [&](int64_t h, int64_t w) {
+        bn_sums_row<Unit, Relu, true, T, Acc>(v.grad.plane(n, c0) + h * v.grad.sh +
+                                                  w * v.grad.sw,
+                                              v.grad.sc,
+                                              v.out.plane(n, c0) + h * v.out.sh + w * v.out.sw,
+                                              v.out.sc,
+                                              v.x.plane(n, c0) + h * v.x.sh + w * v.x.sw, v.x.sc,
+                                              cb, [&](int64_t k) { return mu[k]; }, chunk_g,
+                                              chunk_d);
+      }, [&] {
+        for (int64_t k = 0; k < used; ++k) {
+          SG[k] += chunk_g[k], SD[k] += chunk_d[k];
+          chunk_g[k] = chunk_d[k] = Vec<Acc>{};
+        }
+      });
       for (int64_t k = 0; k < used; ++k)
         b.plane_grads_of(SG[k], SD[k], n * C + c0 + k * kLanes,
                          static_cast<int>(std::min<int64_t>(kLanes, cb - k * kLanes)));

@@ -100,6 +100,24 @@ inline int64_t channel_block(int64_t C, int64_t HW) {
   return std::min(C, block);
 }
 
+// The channel-major walk's sums over a plane, chunk by chunk: body(h, w) adds position (h, w)
+// into a chunk's sums, flush() adds those into the totals after every kSumChunk positions and
+// at the end. There each channel keeps one lane over all H W positions (C = 2 at 100x100:
+// one float accumulator for 10000 values), whose rounding grows with H W; chunked, with
+// kSumChunk + H W / kSumChunk (the plane-major walk's lanes split a plane likewise).
+constexpr int64_t kSumChunk = 128;
+
+template <typename Body, typename Flush>
+void for_positions_in_chunks(int64_t H, int64_t W, Body body, Flush flush) {
+  int64_t in_chunk = 0;
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t w = 0; w < W; ++w) {
+      body(h, w);
+      if (++in_chunk == kSumChunk) flush(), in_chunk = 0;
+    }
+  if (in_chunk > 0) flush();
+}
+
 // What a backward reads and writes, each through its strides (spem_bn: x is y, dx is dy).
 template <typename T>
 struct BackwardViews {
