@@ -241,7 +241,8 @@ struct BnBackward {
       dev_max[j] = deviation(n, c, idx[2 * nc]);
       dev_min[j] = deviation(n, c, idx[2 * nc + 1]);
     }
-    const PlaneGrads<Vec<Acc>> pg = plane_grads(alpha * SD + b * SG, M, m, prm.lanes(nc0, C));
+    const PlaneGrads<Vec<Acc>> pg =
+        plane_grads(bn_spem_S(alpha, b, SG, SD), M, m, prm.lanes(nc0, C));
     Vec<Acc> sum_dx, sum_dx_dev;
     bn_plane_sums(pg, SG, SD, dev_max, dev_min, &sum_dx, &sum_dx_dev);
     for (int j = 0; j < count; ++j) {

@@ -8,7 +8,7 @@
 //   x = y alpha + beta,  alpha = weight invstd,  beta = bias - mean alpha   (as ATen forms them)
 // and SPEM of x (spem_math.h).
 // Backward, per plane, with G the masked gradient, x = alpha (y - mean) + bias:
-//   SG = sum G, SD = sum G (y - mean), S = sum G x = alpha SD + bias SG   (SPEM's S)
+//   SG = sum G, SD = sum G (y - mean), S = sum G x = alpha SD + bias SG   (SPEM's S, bn_spem_S)
 //   the gradient reaching x: dx = G g (+ dM at argmax, dm at argmin), and its plane sums
 //   sum dx = g SG + dM + dm,  sum dx (y - mean) = g SD + dM (y[argmax] - mean) + dm (...)
 // per channel (sums over n): dbias = sum dx, dweight = invstd sum dx (y - mean) and, in
@@ -75,6 +75,15 @@ SPEM_HD void finalize_channel(const Acc* plane_mean, const Acc* plane_m2, int64_
   }
   mean[c] = mu;
   invstd[c] = Acc(1) / spem_sqrt(var + eps);
+}
+
+// SPEM's S = sum G x of one normalised plane, from SG and SD: alpha SD + bias SG. Where the
+// bias is 0 (or absent) its term is left out, so that an infinite SG gives alpha SD, as sum G x
+// does, not 0 inf = NaN. V: a scalar, or (CPU) a vector of lanes.
+template <typename V>
+SPEM_HD V bn_spem_S(V alpha, V bias, V SG, V SD) {
+  const V bias_SG = bias * SG;
+  return alpha * SD + (bias == V{} ? V{} : bias_SG);
 }
 
 // The plane sums of dx and dx (y - mean) from SG, SD and the plane's SPEM gradients;

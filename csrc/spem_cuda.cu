@@ -637,7 +637,7 @@ template <typename T, typename Acc>
 __device__ void bn_plane_backward(const BackwardArgs<T, Acc>& a, int64_t n, int64_t c, Acc SG,
                                   Acc SD, bool flat) {
   const ChannelNorm<Acc> k = channel_norm(a.mean, a.invstd, a.weight, a.bias, c);
-  const PlaneGrads<Acc> pg = plane_backward(a, n, c, k.alpha * SD + k.bias * SG, true);
+  const PlaneGrads<Acc> pg = plane_backward(a, n, c, bn_spem_S(k.alpha, k.bias, SG, SD), true);
   const int64_t nc = n * a.C + c, NC = a.N * a.C;
   const int32_t imax = a.idx[2 * nc], imin = a.idx[2 * nc + 1];
   const Acc dev_max = to_acc(a.x[offset(a.sx, n, c, imax, int32_t(a.W), flat)]) - k.mean;

@@ -523,8 +523,10 @@ def _bn_bwd_reduce_kernel(
     i_min = tl.load(idx_ptr + row + 1, mask=c_ok, other=0)
     w1, b1, w2, b2, q0, q1 = _load_params(w1_ptr, b1_ptr, w2_ptr, b2_ptr, p_ptr, c, c_ok, ACC)
     part = part_ptr + n * C + c
-    g, dM, dm = _plane_grads(alpha * SD + bias * SG, M, m, w1, b1, w2, b2, q0, q1, part, NC,
-                             c_ok)
+    # bn_spem_S (spem_bn_math.h): a zero bias's term left out, so an infinite SG is no NaN.
+    # (Written as a choice of two sums: alpha SD + where(...) spills on sm_80/sm_90.)
+    S = tl.where(bias == 0, alpha * SD, alpha * SD + bias * SG)
+    g, dM, dm = _plane_grads(S, M, m, w1, b1, w2, b2, q0, q1, part, NC, c_ok)
     y_one = y_ptr + n * sy_n + c * sy_c  # y at the extremes, one element per channel
     dev_max = tl.load(y_one + _plane_offsets(i_max.to(c.dtype), W, sy_h, sy_w, FLAT),
                       mask=c_ok, other=0).to(ACC) - mean
