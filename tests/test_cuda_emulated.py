@@ -191,7 +191,8 @@ def test_emulation_shuffles_and_barriers_are_strict():
     assert set(tool.run_butterfly(4)) == {496}
     expected = [(i % 256 + 1) % 256 + 1 for i in range(3 * 256)]
     assert tool.run_neighbour_read(3, True) == expected
-    assert tool.run_neighbour_read(3, False) != expected
+    if emulation.sanitizer() != "thread":  # under TSAN the missing barrier is a reported race
+        assert tool.run_neighbour_read(3, False) != expected  # (cuda_emulated_races.sh's check)
     outcomes = tool.misuse_outcomes()
     assert outcomes.pop("within_launch_bounds") == ""
     for name, message in outcomes.items():

@@ -47,7 +47,8 @@ def kernels():
     return found
 
 
-def _sanitizer():
+def sanitizer():
+    """The sanitizer the emulation is built with ("thread"), or "" for none."""
     value = os.environ.get("SPEM_CUDA_EMULATION_SANITIZE", "")
     if value not in ("", "thread"):
         raise ValueError(f"SPEM_CUDA_EMULATION_SANITIZE must be 'thread' or unset, got {value!r}")
@@ -90,7 +91,7 @@ def load():
     """The emulation's Python module (set_schedule, launch_log, ...), built on first use;
     its ops are torch.ops.spem_cuda_emulated.*."""
     from torch.utils.cpp_extension import load as jit_load
-    sanitize = _sanitizer()
+    sanitize = sanitizer()
     build_dir = _build_dir(sanitize)
     build_dir.mkdir(parents=True, exist_ok=True)
     _write_launch_bounds(build_dir)

@@ -337,6 +337,9 @@ Fiber& pick_ready(BlockState& b);
 void yield_to_scheduler(bool ending = false) {
   Fiber& self = *t_fiber;
   BlockState& b = *self.block;
+  // What the thread did so far happens before its launch ends (run_block acquires it), also
+  // where it never resumes: a failed or stuck block, whose host frame is then reused.
+  tsan_release(&b.tsan_end);
   void* sp = t_worker->scheduler_sp;
   void* tsan = t_worker->scheduler_tsan;
   if (b.error.empty() && !b.ready.empty()) {
@@ -393,7 +396,6 @@ extern "C" void spem_emu_fiber_entry() {
   }
   const Untracked untracked;
   if (!thrown.empty()) fail("exception: " + thrown);
-  tsan_release(&b->tsan_end);
   Fiber& f = *t_fiber;
   f.state = Fiber::kDone;
   ++b->exited;
