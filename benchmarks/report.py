@@ -45,8 +45,9 @@ import torch
 from spem_kernels.backends import NAMES as BACKENDS, compiled_backends, unavailable_reason
 from spem_kernels.cases import (ALL_STAGES, DIRECTIONS, DTYPES, LAYOUTS, OPS, SHAPE_SETS,
                                 block_tail_call, stage_shape)
-from spem_kernels.timing import (OthersCpu, copy_bandwidth, synchronize, time_calls,
-                                 time_interleaved, time_replays)
+from spem_kernels.provenance import device_name
+from spem_kernels.timing import (QUIET_OTHERS_CPUS, OthersCpu, copy_bandwidth, synchronize,
+                                 time_calls, time_interleaved, time_replays)
 
 from . import model_bench, plot
 
@@ -77,11 +78,6 @@ OP_BN_MAX_VS_PLAIN, OP_BN_MIN_VS_EAGER = 1.0, 3.0
 PEERS = ("eager", "compile")
 PLAINS = ("plain", "plain-compile")  # spem_bn's rows only: the plain network's tail
 COMPILED = {"compile": "eager", "plain-compile": "plain"}  # what each torch.compiles
-# A run is quiet when other processes kept fewer CPUs than this busy during every case
-# (spem_kernels.timing.OthersCpu; not the load average, which counts the report's own threads):
-# with more, a call of a parallel kernel also waits for a core (on a shared 2-core machine
-# about a scheduler tick per parallel region), and times and their ratios do not reproduce.
-QUIET_OTHERS_CPUS = 0.25
 ROTATE_BYTES = 256 * 2**20  # input sets per case are rotated until they span this much
 # Model options whose defaults depend on the device (bf16 and graphs are GPU rows).
 DEVICE_DEFAULTS = {"cuda": {"model_batch": 128, "model_precisions": "fp32,bf16",
@@ -202,14 +198,6 @@ def out_of_time(a, need_s=0.0):
         a.cut_short = f"--time-budget {a.time_budget:g} s ran out: later parts were not measured"
         print(f"  {a.cut_short}", file=sys.stderr, flush=True)
     return True
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    with open("/proc/cpuinfo") as f:
-        names = re.findall(r"^model name\s*:\s*(.+)$", f.read(), re.M)
-    return names[0].strip() if names else platform.processor() or "cpu"
 
 
 def slug(text):

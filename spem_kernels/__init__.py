@@ -3,7 +3,10 @@
 The public API is what this module exports. Inside, each layer imports only the ones below
 it (data flows down in the forward pass, back up in the backward):
 
+    reproduce.py, curves.py, paper.py        the paper's table in one resumable command,
+                                             curves of runs, the paper's figures
     train.py, training.py, cuda_graphs.py    the CIFAR trainer and its command line
+    provenance.py                            device, versions, commit (checkpoints, report)
     demo.py, cases.py, timing.py             the demo; cases and timer (also for benchmarks/)
     models/, data/                           CIFAR ResNets; CIFAR on the device
     layer.py                                 the SPEM nn.Module

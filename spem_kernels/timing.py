@@ -16,7 +16,9 @@ Triton's do_bench for graph replays (Triton is present wherever CUDA kernels run
   before each); replaying a graph costs the host next to nothing.
 - time_interleaved: several workloads in interleaved rounds, the median round kept, so
   that a burst of load on a shared machine hits all of them alike (the report's op rows
-  time every implementation of a case this way).
+  time every implementation of a case this way); interleaved_rounds: the rounds
+  themselves (the demo takes each round's ratio); reps_to_fill: calls per round.
+- keep_freed_memory: bench.sh's allocator settings, applied in a running process.
 - dispatched_ops: the operations a call dispatches (its host cost, counted).
 - OthersCpu: how many CPUs other processes kept busy over an interval (whether a CPU
   measurement shared the machine).
@@ -24,8 +26,11 @@ Triton's do_bench for graph replays (Triton is present wherever CUDA kernels run
   then record), kept together with what the graph reads; on_side_stream and record are its
   two halves, which the trainer's captured step (spem_kernels.cuda_graphs) uses apart.
 """
+import ctypes
 import itertools
+import math
 import os
+import platform
 import statistics
 import time
 from typing import Callable, NamedTuple, Optional
@@ -169,18 +174,52 @@ def time_replays(calls, *, min_time_s=0.5, warmup=3):
 
 
 def time_interleaved(workloads, device, *, rounds, reps, warmup=3):
-    """{name: Timing over rounds}: each round times `reps` calls of each workload in turn
-    (time_calls, no warm-up after the first round); each workload's figure is the median
-    of its rounds' medians. `workloads` maps a name to its list of calls; `reps` is one
-    count for all or {name: count}, so that a slow and a fast workload can each fill a
-    similar time per round."""
+    """{name: Timing over rounds}: each workload's figure is the median of its rounds'
+    medians (interleaved_rounds)."""
+    count = reps if isinstance(reps, dict) else dict.fromkeys(workloads, reps)
+    per_round = interleaved_rounds(workloads, device, rounds=rounds, reps=count, warmup=warmup)
+    return {name: _summary(ms, rounds * count[name]) for name, ms in per_round.items()}
+
+
+def interleaved_rounds(workloads, device, *, rounds, reps, warmup=3):
+    """{name: [each round's median ms]}: each round times `reps` calls of each workload in
+    turn (time_calls, no warm-up after the first round). `workloads` maps a name to its list
+    of calls; `reps` is one count for all or {name: count}, so that a slow and a fast
+    workload can each fill a similar time per round. Round i of two workloads ran side by
+    side: their ratio in a round is free of the load that hit that round."""
     count = reps if isinstance(reps, dict) else dict.fromkeys(workloads, reps)
     per_round = {name: [] for name in workloads}
     for first in [True] + [False] * (rounds - 1):
         for name, calls in workloads.items():
             t = time_calls(calls, device, reps=count[name], warmup=warmup if first else 0)
             per_round[name].append(t.median_ms)
-    return {name: _summary(ms, rounds * count[name]) for name, ms in per_round.items()}
+    return per_round
+
+
+def reps_to_fill(calls, device, seconds):
+    """How many calls of `calls` (rotating) take about `seconds`, from one timed pass over
+    them after a warm-up call of each; at least 1."""
+    first = time_calls(calls, device, reps=len(calls), warmup=len(calls))
+    return max(1, math.ceil(seconds * 1e3 / first.median_ms))
+
+
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory():
+    """In this process, what bench.sh's MALLOC_MMAP_MAX_=0 and MALLOC_TRIM_THRESHOLD_ do (set
+    through mallopt, since the environment is read only at start): glibc keeps freed memory
+    for reuse instead of unmapping it, so that a CPU call times its kernels rather than the
+    page faults of its fresh outputs (README, Benchmarks). Where the caller set either
+    variable, or off glibc, nothing changes. Returns what was done, in words."""
+    if any(k in os.environ for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")):
+        return "glibc malloc as the environment sets it (MALLOC_*)"
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None) \
+        if platform.libc_ver()[0] == "glibc" else None
+    if mallopt is None or not (mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, 2**31 - 1)):
+        return "the C library's default allocator"
+    return "glibc malloc keeping freed memory (as bench.sh)"
 
 
 def dispatched_ops(fn):
@@ -201,6 +240,13 @@ def dispatched_ops(fn):
     with Recorder() as recorder:
         result = fn()
     return result, recorder.ops
+
+
+# A CPU measurement is quiet when other processes kept fewer CPUs than this busy while it
+# ran (OthersCpu; not the load average, which counts the measuring process's own threads):
+# with more, a call of a parallel kernel also waits for a core (on a shared 2-core machine
+# about a scheduler tick per parallel region), and times and their ratios do not reproduce.
+QUIET_OTHERS_CPUS = 0.25
 
 
 class OthersCpu:

@@ -15,61 +15,144 @@ import sys
 import traceback
 
 from . import training
+from .backends import NAMES as BACKENDS
+from .models import ATTENTIONS, BLOCKS, blocks_per_stage
+
+# The flags: (names, argparse keywords). One table, so that reproduce takes the same flags
+# (less those it sets per run) and can write a run's command line back (to_argv).
+FLAGS = [
+    (("-d", "--dataset"), dict(default="cifar10", choices=sorted(training.NUM_CLASSES))),
+    (("--data-dir",), dict(default="./data",
+                           help="folder with the extracted data set or its archive "
+                                "(downloaded if missing)")),
+    (("--depth",), dict(type=int, default=164, help="9n+2 (bottleneck) or 6n+2 (basicblock)")),
+    (("--block-name",), dict(default="bottleneck", type=str.lower, choices=BLOCKS)),
+    (("--attention",), dict(default="spem", choices=ATTENTIONS)),
+    (("--backend",), dict(default="auto", choices=("auto",) + BACKENDS, help="SPEM kernels")),
+    (("--no-fuse-bn",), dict(dest="fuse_bn", action="store_false",
+                             help="keep each block's last BatchNorm a module of its own, called "
+                                  "before the SPEM op (default: inside it, spem_bn: same "
+                                  "values, less memory)")),
+    (("--epochs",), dict(type=int, default=164)),
+    (("--schedule",), dict(type=int, nargs="+", default=[81, 122],
+                           help="epochs (0-based) at whose start the lr is multiplied by "
+                                "--gamma: increasing, each in 1..--epochs")),
+    (("--gamma",), dict(type=float, default=0.1)),
+    (("--lr", "--learning-rate"), dict(type=float, default=0.1)),
+    (("--momentum",), dict(type=float, default=0.9)),
+    (("--wd", "--weight-decay"), dict(type=float, default=1e-4)),
+    (("--alpha",), dict(type=float, default=0.1, help="weight of the SPEM penalty")),
+    (("--train-batch",), dict(type=int, default=128,
+                              help="global batch, split evenly over torchrun processes")),
+    (("--test-batch",), dict(type=int, default=100, help="per process")),
+    (("-c", "--checkpoint"), dict(default=None,
+                                  help="output folder (default: the --resume file's folder, "
+                                       "else ./checkpoint)")),
+    (("--resume",), dict(default="", help="checkpoint file to resume from (or evaluate)")),
+    (("-e", "--evaluate"), dict(action="store_true",
+                                help="only test --resume (default: "
+                                     "<checkpoint>/model_best.pth.tar)")),
+    (("--manualSeed",), dict(type=int, default=None)),
+    (("--amp",), dict(default="none", choices=sorted(training.AMP_DTYPES))),
+    (("--channels-last",), dict(action="store_true")),
+    (("--compile",), dict(action="store_true", help="torch.compile the model")),
+    (("--cuda-graph",), dict(action="store_true",
+                             help="capture the training step in a CUDA graph and replay it "
+                                  "(one CUDA process; not with --amp fp16 or --compile). "
+                                  "Captured anew each epoch (the learning rate is a constant "
+                                  "in the graph); the last, partial batch of an epoch runs "
+                                  "uncaptured")),
+    (("--device",), dict(default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")),
+    (("-j", "--workers"), dict(type=int, default=0,
+                               help="ignored, kept for old command lines: the data lives on "
+                                    "the device")),
+]
+
+
+class Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are UserErrors: one line, `error: argument --FLAG:
+    ...`, exit status 2 (main prints it; under torchrun with the rank), no usage block."""
+
+    def error(self, message):
+        raise training.UserError(message)
+
+
+def _dest(names, kw):
+    return kw.get("dest") or next(n for n in names if n.startswith("--"))[2:].replace("-", "_")
+
+
+def add_flags(parser, skip=()):
+    """Add the trainer's flags to `parser`, less those whose destination is in `skip`."""
+    for names, kw in FLAGS:
+        if _dest(names, kw) not in skip:
+            parser.add_argument(*names, **kw)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-d", "--dataset", default="cifar10", choices=sorted(training.NUM_CLASSES))
-    parser.add_argument("--data-dir", default="./data",
-                        help="folder with the extracted data set or its archive (downloaded if "
-                             "missing)")
-    parser.add_argument("--depth", type=int, default=164,
-                        help="9n+2 (bottleneck) or 6n+2 (basicblock)")
-    parser.add_argument("--block-name", default="bottleneck", help="bottleneck or basicblock")
-    parser.add_argument("--attention", default="spem", choices=("spem", "none"))
-    parser.add_argument("--backend", default="auto",
-                        help="SPEM kernels: auto, triton, native, eager")
-    parser.add_argument("--no-fuse-bn", dest="fuse_bn", action="store_false",
-                        help="keep each block's last BatchNorm a module of its own, called "
-                             "before the SPEM op (default: inside it, spem_bn: same values, "
-                             "less memory)")
-    parser.add_argument("--epochs", type=int, default=164)
-    parser.add_argument("--schedule", type=int, nargs="+", default=[81, 122],
-                        help="epochs (0-based) at whose start the lr is multiplied by --gamma")
-    parser.add_argument("--gamma", type=float, default=0.1)
-    parser.add_argument("--lr", "--learning-rate", type=float, default=0.1)
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--wd", "--weight-decay", type=float, default=1e-4)
-    parser.add_argument("--alpha", type=float, default=0.1, help="weight of the SPEM penalty")
-    parser.add_argument("--train-batch", type=int, default=128,
-                        help="global batch, split evenly over torchrun processes")
-    parser.add_argument("--test-batch", type=int, default=100, help="per process")
-    parser.add_argument("-c", "--checkpoint", default=None,
-                        help="output folder (default: the --resume file's folder, else "
-                             "./checkpoint)")
-    parser.add_argument("--resume", default="", help="checkpoint file to resume from (or evaluate)")
-    parser.add_argument("-e", "--evaluate", action="store_true",
-                        help="only test --resume (default: <checkpoint>/model_best.pth.tar)")
-    parser.add_argument("--manualSeed", type=int, default=None)
-    parser.add_argument("--amp", default="none", choices=sorted(training.AMP_DTYPES))
-    parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--cuda-graph", action="store_true",
-                        help="capture the training step in a CUDA graph and replay it (one "
-                             "CUDA process; not with --amp fp16 or --compile). Captured anew "
-                             "each epoch (the learning rate is a constant in the graph); the "
-                             "last, partial batch of an epoch runs uncaptured")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
-    parser.add_argument("-j", "--workers", type=int, default=0,
-                        help="ignored, kept for old command lines: the data lives on the device")
+    """The flags parsed (not checked: check_flags does that)."""
+    parser = Parser(description=__doc__.splitlines()[0])
+    add_flags(parser)
     return parser.parse_args(argv)
+
+
+def check_flags(args):
+    """Raise a UserError naming the first flag whose value cannot work, and what is valid.
+    Nothing here reads data or weights: a mistyped flag is reported before any download.
+    (Flags that fit only some machines, --device and --cuda-graph, are the trainer's own
+    checks at start.) reproduce checks each of its runs with this too."""
+    def bad(flag, what):
+        raise training.UserError(f"argument {flag}: {what}")
+
+    try:
+        blocks_per_stage(args.depth, args.block_name)
+    except ValueError as e:
+        bad("--depth", str(e))
+    if args.epochs < 1:
+        bad("--epochs", f"must be at least 1, got {args.epochs}")
+    milestones = args.schedule
+    if any(m < 1 or m > args.epochs for m in milestones) \
+            or any(a >= b for a, b in zip(milestones, milestones[1:])):
+        bad("--schedule", f"milestones must be increasing epochs in 1..{args.epochs} "
+                          f"(--epochs), got {' '.join(map(str, milestones))}")
+    for flag in ("--train-batch", "--test-batch"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value < 1:
+            bad(flag, f"must be at least 1, got {value}")
+    for flag in ("--lr", "--momentum", "--wd", "--alpha"):
+        if getattr(args, flag[2:]) < 0:
+            bad(flag, f"must be >= 0, got {getattr(args, flag[2:])}")
+    if args.workers < 0:
+        bad("--workers", f"must be >= 0, got {args.workers}")
+    if args.resume and not os.path.isfile(args.resume):
+        bad("--resume", f"no such file: {args.resume}")
+
+
+def to_argv(args, skip=()):
+    """The command line that parse_args turns back into `args` (the flags whose value is not
+    the default, less those in `skip`): a run's command, written out."""
+    argv = []
+    for names, kw in FLAGS:
+        dest = _dest(names, kw)
+        if dest in skip or not hasattr(args, dest):
+            continue
+        value, flag = getattr(args, dest), next(n for n in names if n.startswith("--"))
+        action = kw.get("action")
+        default = kw.get("default", action == "store_false")
+        if value == default:
+            continue
+        if action in ("store_true", "store_false"):
+            argv.append(flag)
+        else:
+            argv += [flag, *map(str, value if isinstance(value, list) else [value])]
+    return argv
 
 
 def main(argv=None):
     """Run the trainer with these command-line flags (default: sys.argv[1:]); returns the
     best test accuracy. A failed run ends the process with the exit status above."""
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)
+        check_flags(args)
         return training.run(args)
     except training.UserError as e:
         _exit(2, f"error: {e}")

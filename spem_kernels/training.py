@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from . import provenance
 from .cuda_graphs import CapturedStep
 from .data import cifar
 from .models import cifar_resnet
@@ -73,6 +74,12 @@ def _train_or_evaluate(args, device, rank, world):
     return best_acc
 
 
+# What a run has spent, summed over the processes that trained it (a resumed run carries on
+# its checkpoint's): wall_s from each one's set-up to its last checkpoint (work lost to a
+# crash after that is not counted), train_s in the training passes, train_images trained.
+EFFORT = {"wall_s": 0.0, "train_s": 0.0, "train_images": 0}
+
+
 @dataclasses.dataclass
 class Setup:
     """What set-up made: everything the epoch loop (or --evaluate's test pass) uses."""
@@ -88,11 +95,15 @@ class Setup:
     resumed: bool = False         # training state restored from --resume
     start_epoch: int = 0
     best_acc: float = 0.0
+    started: float = 0.0          # time.perf_counter() at this process's set-up
+    effort: dict = dataclasses.field(default_factory=lambda: dict(EFFORT))
+    history: list = dataclasses.field(default_factory=list)  # who trained: see _start_log
 
 
 def _set_up(args, device, rank, world):
     """Seed, data, loaders, model, optimizer and scaler; then what --resume restores (with
     --evaluate, the checkpoint's weights alone)."""
+    started = time.perf_counter()
     folder = args.checkpoint or (os.path.dirname(args.resume) if args.resume else "checkpoint")
     # the checkpoint to read: --resume; --evaluate's default is the output folder's best model
     path = args.resume or (os.path.join(folder, "model_best.pth.tar") if args.evaluate else "")
@@ -112,6 +123,7 @@ def _set_up(args, device, rank, world):
     net = _make_model(args, device)
     setup = Setup(
         folder=folder, seed=seed, train_loader=train_loader, test_loader=test_loader,
+        started=started,
         net=net, eval_model=torch.compile(net) if args.compile else net,
         optimizer=make_optimizer(net, args.lr, args.momentum, args.wd),
         scaler=torch.amp.GradScaler(device.type, enabled=args.amp == "fp16"),
@@ -147,7 +159,10 @@ def _epoch_loop(args, setup, rank, world):
                   disable=not (main and sys.stderr.isatty())) as bar:
             train_loss, ce_loss, param_loss, train_acc = train_epoch(
                 train_model, train_step, setup.train_loader, world, bar)
-        speed = images_per_epoch / (time.perf_counter() - t0)
+        train_s = time.perf_counter() - t0
+        speed = images_per_epoch / train_s
+        setup.effort["train_s"] += train_s
+        setup.effort["train_images"] += images_per_epoch
         if world > 1:  # rank 0's BatchNorm statistics are the ones saved: test with them
             for buffer in setup.net.buffers():
                 dist.broadcast(buffer, 0)
@@ -279,12 +294,17 @@ def evaluate(model, loader, autocast, world):
 # --- checkpoints ---
 
 def save_atomic(obj, path):
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`:
-    a crash mid-write leaves the previous file intact."""
+    """torch.save, atomically (replace_atomic)."""
+    replace_atomic(path, lambda f: torch.save(obj, f))
+
+
+def replace_atomic(path, write):
+    """write(f) into a temporary binary file in the same folder, fsync, then rename it over
+    `path`: a crash at any moment leaves either the previous file or the new one, whole."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -315,6 +335,20 @@ def load_checkpoint(path):
     return ckpt
 
 
+def checkpoint_summary(path):
+    """What a checkpoint says about its run, cheaply: its entries but the tensors (epoch,
+    acc, best_acc, args, effort, history), read with weights_only=True through a memory map,
+    so that the weights are not read. Errors name the file."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise RuntimeError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    if not isinstance(ckpt, dict):
+        raise RuntimeError(f"{path} is not a trainer's checkpoint (a {type(ckpt).__name__})")
+    return {k: v for k, v in ckpt.items()
+            if k not in ("state_dict", "optimizer", "scaler", "rng")}
+
+
 def strip_wrapper_prefixes(state_dict):
     """Drop the 'module.' (DataParallel/DDP) and '_orig_mod.' (torch.compile) key prefixes."""
     def strip(key):
@@ -338,6 +372,9 @@ def checkpoint_state(setup, args, epoch, acc, best_acc):
         "optimizer": setup.optimizer.state_dict(), "scaler": setup.scaler.state_dict(),
         # the flags as given, with the seed actually used: a resumed run takes that seed
         "args": dict(vars(args), manualSeed=setup.seed),
+        "effort": dict(setup.effort,
+                       wall_s=setup.effort["wall_s"] + time.perf_counter() - setup.started),
+        "history": setup.history,
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 "data": setup.train_loader.get_state()},
@@ -345,10 +382,11 @@ def checkpoint_state(setup, args, epoch, acc, best_acc):
 
 
 def restore(setup, ckpt, path):
-    """Put the run back where checkpoint_state left it: weights, optimizer, scaler, and the
-    random streams (torch, CUDA, the train loader's); returns (start epoch, best accuracy).
-    Checkpoints of the original trainer have no scaler or RNG entries: those then start
-    afresh. `path` names the checkpoint in errors."""
+    """Put the run back where checkpoint_state left it: weights, optimizer, scaler, the
+    random streams (torch, CUDA, the train loader's), the effort spent and the history;
+    returns (start epoch, best accuracy). Checkpoints of the original trainer have no
+    scaler, RNG, effort or history entries: those then start afresh. `path` names the
+    checkpoint in errors."""
     _load_weights(setup.net, ckpt, path)
     missing = [k for k in ("epoch", "best_acc", "optimizer") if k not in ckpt]
     if missing:
@@ -365,6 +403,8 @@ def restore(setup, ckpt, path):
         torch.cuda.set_rng_state_all(rng["cuda"])
     if "data" in rng:
         setup.train_loader.set_state(rng["data"])
+    setup.effort.update(ckpt.get("effort", {}))
+    setup.history[:0] = ckpt.get("history", [])
     return ckpt["epoch"], ckpt["best_acc"]
 
 
@@ -379,9 +419,15 @@ def _load_weights(net, ckpt, path):
 # --- log.txt, log.png ---
 
 def _start_log(args, setup, world):
-    """Make the folder, print what is trained, and start log.txt with its header (a resumed
-    run appends to the log it finds)."""
+    """Make the folder, print what is trained, note this process in the run's history, and
+    start log.txt with its header (a resumed run keeps the log it finds, up to the
+    checkpoint's epoch)."""
     os.makedirs(setup.folder, exist_ok=True)
+    device = setup.train_loader.device
+    setup.history.append({
+        "first_epoch": setup.start_epoch + 1, "device": provenance.device_name(device),
+        "processes": world, "commit": provenance.commit(), "versions": provenance.versions(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     print(f"{args.dataset}: {len(setup.train_loader.images)} train, "
           f"{len(setup.test_loader.images)} test images; ResNet-{args.depth} "
           f"{args.block_name} attention={args.attention}, "
@@ -389,9 +435,24 @@ def _start_log(args, setup, world):
           f"{world} process(es) on {setup.train_loader.device.type}; seed {setup.seed}",
           flush=True)
     log = os.path.join(setup.folder, "log.txt")
-    if not setup.resumed or not os.path.isfile(log):
+    if setup.resumed and os.path.isfile(log):
+        _cut_log(log, setup.start_epoch)
+    else:
         with open(log, "w") as f:
             f.write("\t".join(LOG_COLUMNS) + "\n")
+
+
+def _cut_log(path, epochs):
+    """Keep log.txt's first `epochs` rows: a run stopped after logging an epoch but before
+    its checkpoint was written (or in the middle of a row) repeats that epoch when resumed,
+    and must log it once."""
+    with open(path) as f:
+        lines = f.readlines()
+    if len(lines) > epochs + 1 or (lines and not lines[-1].endswith("\n")):
+        kept = [line for line in lines[:epochs + 1] if line.endswith("\n")]
+        replace_atomic(path, lambda f: f.write("".join(kept).encode()))
+        print(f"{path}: kept the first {len(kept) - 1} epochs' rows, those of the checkpoint "
+              f"(the run had stopped after logging past it)", flush=True)
 
 
 def _log_epoch(folder, row):
@@ -402,17 +463,31 @@ def _log_epoch(folder, row):
     plot_log(log, os.path.join(folder, "log.png"))
 
 
+def read_log(path):
+    """{column: [one value per epoch]} from a log.txt; a row cut short (a crash while it was
+    written) ends it."""
+    with open(path) as f:
+        header = f.readline().rstrip("\n").split("\t")
+        rows = []
+        for line in f:
+            values = line.rstrip("\n").split("\t")
+            try:
+                if not line.endswith("\n") or len(values) != len(header):
+                    break
+                rows.append([float(v) for v in values])
+            except ValueError:
+                break
+    return {name: [r[i] for r in rows] for i, name in enumerate(header)}
+
+
 def plot_log(log_path, png_path):
     """Loss and accuracy curves of every epoch in log.txt (resumed runs included)."""
     # matplotlib's object API renders PNG with Agg and never touches pyplot's global backend.
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    with open(log_path) as f:
-        header = f.readline().rstrip("\n").split("\t")
-        rows = [list(map(float, line.split("\t"))) for line in f if line.strip()]
-    columns = {name: [r[i] for r in rows] for i, name in enumerate(header)}
-    epochs = range(1, len(rows) + 1)
+    columns = read_log(log_path)
+    epochs = range(1, len(columns["Train Loss"]) + 1)
     fig = Figure(figsize=(10, 4))
     loss_ax, acc_ax = fig.subplots(1, 2)
     for name in ("Train Loss", "Classify Loss", "Valid Loss"):
@@ -426,7 +501,7 @@ def plot_log(log_path, png_path):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
+    replace_atomic(png_path, lambda f: fig.savefig(f, format="png", dpi=100))
 
 
 # --- processes ---

@@ -8,8 +8,9 @@ tests/ holds test files (test_*.py), which import spem_kernels, this folder's he
 modules (tiny_cifar: tiny data sets in the official CIFAR format; op_inputs: the op's
 inputs in every layout; op_checks: how results are compared; fuzz_cases, fuzz_paths,
 fuzz_checks: the property-based tests' cases, paths and rules; cuda_emulation: the CUDA
-kernels executed on the CPU) and nothing of each other; fixtures they share live here.
-torchrun_entry.py is the trainer's entry for the multi-process tests, run as a script.
+kernels executed on the CPU; bad_flags: the trainer's flags that cannot work) and nothing of
+each other; fixtures they share live here. torchrun_entry.py is the trainer's entry for the
+multi-process tests, run as a script.
 """
 import os
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from spem_kernels import train, training
+from spem_kernels import provenance, train, training
 from spem_kernels.training import LOG_COLUMNS, load_checkpoint
+from bad_flags import BAD_FLAGS
 from tiny_cifar import patch_spec, write_cifar
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,6 +76,10 @@ def test_short_run_learns_and_writes_its_files(trained):
 def test_resume_is_bitwise_the_uninterrupted_run(data_dir, tmp_path):
     train.main(flags(data_dir, tmp_path / "whole", epochs=2))
     train.main(flags(data_dir, tmp_path / "split", epochs=1))
+    # Stopped after logging epoch 2 but before its checkpoint, in the middle of epoch 3's row:
+    # the resumed run logs epoch 2 anew, once (issue 23: it used to log it twice).
+    with open(tmp_path / "split" / "log.txt", "a") as f:
+        f.write("\t".join(["0.5"] * len(LOG_COLUMNS)) + "\n0.1\t0.")
     # resumed without --manualSeed: the checkpoint's seed and data generator carry on
     resumed = flags(data_dir, tmp_path / "split", epochs=2)
     resumed[resumed.index("--manualSeed"):resumed.index("--manualSeed") + 2] = []
@@ -87,6 +92,13 @@ def test_resume_is_bitwise_the_uninterrupted_run(data_dir, tmp_path):
         assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
     assert torch.equal(whole["rng"]["data"], split["rng"]["data"])
     assert read_log(tmp_path / "whole") == read_log(tmp_path / "split")  # log kept on resume
+    effort = [ckpt["effort"] for ckpt in (whole, split)]
+    assert [e["train_images"] for e in effort] == [160, 160]  # 2 epochs of 80 images
+    assert all(0 < e["train_s"] < e["wall_s"] for e in effort)
+    assert [h["first_epoch"] for h in whole["history"]] == [1]
+    assert [h["first_epoch"] for h in split["history"]] == [1, 2]  # two processes trained it
+    assert split["history"][1]["versions"]["torch"] == torch.__version__
+    assert split["history"][1]["device"] == provenance.device_name("cpu")
 
 
 def test_original_command_line_parses():
@@ -183,9 +195,18 @@ def test_bad_checkpoints_are_user_errors(data_dir, trained, tmp_path, capsys):
         f"error: checkpoint {tmp_path / 'none' / 'model_best.pth.tar'} does not exist\n")
 
 
+@pytest.mark.parametrize("bad,message", BAD_FLAGS, ids=[" ".join(b) for b, _ in BAD_FLAGS])
+def test_bad_flags_exit_2_naming_the_flag_before_any_data_access(tmp_path, capsys, bad,
+                                                                 message, monkeypatch):
+    """Issue 23: a mistyped flag is one line and exit status 2, before the data is looked
+    for (the data folder does not exist, and a download would fail loudly)."""
+    monkeypatch.setattr(training.cifar, "prepare", None)  # any data access would raise
+    argv = flags(tmp_path / "no-data", tmp_path / "out") + bad
+    assert user_error(capsys, argv) == f"error: {message}\n"
+    assert not (tmp_path / "no-data").exists() and not (tmp_path / "out").exists()
+
+
 def test_flags_that_do_not_fit_are_user_errors(data_dir, tmp_path, capsys, monkeypatch):
-    assert user_error(capsys, flags(data_dir, tmp_path) + ["--depth", "10"]).startswith(
-        "error: depth of a basicblock ResNet must be 6n + 2")
     assert user_error(capsys, flags(data_dir, tmp_path) + ["--device", "cuda:64"]).startswith(
         "error: --device cuda:64: this process would use cuda:64, but")
     assert user_error(capsys, flags(data_dir, tmp_path) + ["--device", "cpu", "--cuda-graph"]) \
@@ -233,7 +254,8 @@ def test_command_line_exit_status_and_message(tmp_path, entry):
                            "--resume", str(tmp_path / "missing.pth.tar")],
                           env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stdout) == (2, "")
-    assert done.stderr == f"error: checkpoint {tmp_path / 'missing.pth.tar'} does not exist\n"
+    assert done.stderr == (f"error: argument --resume: no such file: "
+                           f"{tmp_path / 'missing.pth.tar'}\n")
 
 
 def torchrun(data_dir, out, *extra, epochs=2):

@@ -16,7 +16,9 @@ from ..backends import NAMES as BACKENDS
 from ..layer import SPEM, batch_norm_arguments
 from ..ops import spem, spem_bn
 
-BLOCKS = ("bottleneck", "basicblock")
+# depth = step * n + 2: each of the 3 stages has n blocks of 3 (bottleneck) or 2 layers
+DEPTH_STEP = {"bottleneck": 9, "basicblock": 6}
+BLOCKS = tuple(DEPTH_STEP)
 ATTENTIONS = ("spem", "none")
 
 
@@ -150,10 +152,19 @@ def cifar_resnet(depth=164, num_classes=10, block_name="bottleneck", attention="
         raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {backend!r}")
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    block, step = (Bottleneck, 9) if name == "bottleneck" else (BasicBlock, 6)
-    if not isinstance(depth, int) or depth < step + 2 or (depth - 2) % step:
-        raise ValueError(f"depth of a {name} ResNet must be {step}n + 2 with n >= 1 "
-                         f"(e.g. {step + 2}, {2 * step + 2}, ...), got {depth!r}")
+    blocks = blocks_per_stage(depth, name)
     if not isinstance(fuse_bn, bool):
         raise TypeError(f"fuse_bn must be a bool, got {type(fuse_bn).__name__}")
-    return CifarResNet(block, (depth - 2) // step, num_classes, attention, backend, fuse_bn)
+    block = Bottleneck if name == "bottleneck" else BasicBlock
+    return CifarResNet(block, blocks, num_classes, attention, backend, fuse_bn)
+
+
+def blocks_per_stage(depth, block_name):
+    """n, the blocks per stage of a CIFAR ResNet of this depth: depth = 9n + 2 for bottleneck
+    blocks (3 layers each), 6n + 2 for basic blocks (2 layers each). A ValueError says what
+    fits where the depth does not (the trainer's --depth check is this one)."""
+    step = DEPTH_STEP[block_name]
+    if not isinstance(depth, int) or depth < step + 2 or (depth - 2) % step:
+        raise ValueError(f"depth of a {block_name} ResNet must be {step}n + 2 with n >= 1 "
+                         f"(e.g. {step + 2}, {2 * step + 2}, ...), got {depth!r}")
+    return (depth - 2) // step
